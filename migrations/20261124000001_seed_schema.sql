@@ -1,0 +1,23 @@
+-- The seed's two tables, exactly as the seed creates them (utf8mb4, InnoDB).
+CREATE TABLE IF NOT EXISTS inventory (
+  id BIGINT PRIMARY KEY AUTO_INCREMENT,
+  activity_id BIGINT NOT NULL,
+  stock INT NOT NULL DEFAULT 0,
+  version INT NOT NULL DEFAULT 0,
+  create_time DATETIME DEFAULT CURRENT_TIMESTAMP,
+  update_time DATETIME DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
+  UNIQUE KEY uk_activity (activity_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+CREATE TABLE IF NOT EXISTS orders (
+  id BIGINT PRIMARY KEY AUTO_INCREMENT,
+  order_no VARCHAR(64) NOT NULL,
+  user_id BIGINT NOT NULL,
+  activity_id BIGINT NOT NULL,
+  quantity INT NOT NULL,
+  status TINYINT NOT NULL DEFAULT 0,
+  create_time DATETIME DEFAULT CURRENT_TIMESTAMP,
+  update_time DATETIME DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
+  UNIQUE KEY uk_order_no (order_no),
+  KEY idx_user_activity (user_id, activity_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

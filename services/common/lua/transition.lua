@@ -1,0 +1,23 @@
+-- Move reservations from one of the allowed states to a new state.
+-- KEYS: 1 resv, 2 released
+-- ARGV: 1 allowed states (e.g. "RA"), 2 new state, 3.. order numbers
+-- Returns one code per order number: 1 moved, 0 no reservation (already settled, or never seen),
+-- -1 in another state, -2 released (a tombstone exists: the order must not be created).
+local out = {}
+for i = 3, #ARGV do
+  local rec = redis.call('HGET', KEYS[1], ARGV[i])
+  if rec then
+    local state = string.sub(rec, 1, 1)
+    if string.find(ARGV[1], state, 1, true) then
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[2] .. string.sub(rec, 2))
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = -1
+    end
+  elseif redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    out[#out + 1] = -2
+  else
+    out[#out + 1] = 0
+  end
+end
+return out

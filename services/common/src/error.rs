@@ -1,0 +1,223 @@
+//! The one table of error codes, and the JSON error shape every service answers with:
+//! `{"code": "SOLD_OUT", "message": "..."}`.
+
+use std::borrow::Cow;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+macro_rules! error_codes {
+    ($($variant:ident => ($status:ident, $code:literal, $doc:literal),)*) => {
+        /// Every error a service can answer with. The code string is part of the API.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl ErrorCode {
+            /// All codes, for documentation and tests.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The stable string clients match on.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $code,)* }
+            }
+
+            /// The HTTP status this code is answered with.
+            pub const fn status(self) -> StatusCode {
+                match self { $(ErrorCode::$variant => StatusCode::$status,)* }
+            }
+
+            /// What the code means.
+            pub const fn description(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $doc,)* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    MalformedJson => (BAD_REQUEST, "MALFORMED_JSON", "The body is not valid JSON."),
+    InvalidArgument => (BAD_REQUEST, "INVALID_ARGUMENT", "A field is missing, of the wrong type or out of range."),
+    Unauthorized => (UNAUTHORIZED, "UNAUTHORIZED", "No valid credentials were presented."),
+    Forbidden => (FORBIDDEN, "FORBIDDEN", "The credentials do not allow this call."),
+    NotFound => (NOT_FOUND, "NOT_FOUND", "No such route."),
+    ActivityNotFound => (NOT_FOUND, "ACTIVITY_NOT_FOUND", "No such activity, or it is not open for sale (not warmed up)."),
+    OrderNotFound => (NOT_FOUND, "ORDER_NOT_FOUND", "No such order."),
+    MethodNotAllowed => (METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "The route exists but not for this method."),
+    SaleNotStarted => (CONFLICT, "SALE_NOT_STARTED", "The sale window has not opened yet."),
+    SaleEnded => (CONFLICT, "SALE_ENDED", "The sale window has closed."),
+    SoldOut => (CONFLICT, "SOLD_OUT", "Not enough stock left for this quantity."),
+    AlreadyPurchased => (CONFLICT, "ALREADY_PURCHASED", "This user already holds an order in this activity."),
+    ActivityExists => (CONFLICT, "ACTIVITY_EXISTS", "An activity with this id already exists."),
+    PayloadTooLarge => (PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "The body is larger than allowed."),
+    UnsupportedMediaType => (UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "The body must be sent as application/json."),
+    RateLimited => (TOO_MANY_REQUESTS, "RATE_LIMITED", "Too many requests; retry after the given delay."),
+    Internal => (INTERNAL_SERVER_ERROR, "INTERNAL", "An unexpected error; it has been logged."),
+    Overloaded => (SERVICE_UNAVAILABLE, "OVERLOADED", "The service sheds load; retry after the given delay."),
+    ServiceUnavailable => (SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "A dependency failed; nothing was changed, retry later."),
+    CircuitOpen => (SERVICE_UNAVAILABLE, "CIRCUIT_OPEN", "The downstream service is failing; the gateway fails fast."),
+    UpstreamTimeout => (GATEWAY_TIMEOUT, "UPSTREAM_TIMEOUT", "The downstream service did not answer in time."),
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// An error answer: a code from the table, a message for humans, an optional `Retry-After`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn invalid(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    /// An unexpected failure: logged here with its cause, answered without it.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(ErrorCode::Internal, ErrorCode::Internal.description())
+    }
+
+    /// A dependency failed and nothing was changed: logged with its cause, answered 503.
+    pub fn unavailable(what: &'static str, cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, dependency = what, "dependency unavailable");
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            format!("{what} is unavailable; nothing was changed, retry later"),
+        )
+        .retry_after(1)
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code.as_str().to_owned(),
+            message: self.message.into_owned(),
+        };
+        let mut response = (self.code.status(), axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let code = match rejection.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::InvalidArgument,
+            _ => ErrorCode::MalformedJson,
+        };
+        let message = match code {
+            ErrorCode::UnsupportedMediaType => "expected a body with content-type application/json".into(),
+            ErrorCode::PayloadTooLarge => "the body is larger than allowed".into(),
+            _ => rejection.body_text(),
+        };
+        Self::new(code, message)
+    }
+}
+
+/// `axum::Json` whose rejections answer in the common error shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(Json(value))
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// Fallback for unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+/// Fallback for a known route called with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this route does not accept that method",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_upper_snake_and_4xx_or_5xx() {
+        let mut seen = HashSet::new();
+        for code in ErrorCode::ALL {
+            let s = code.as_str();
+            assert!(seen.insert(s), "duplicate code {s}");
+            assert!(
+                s.chars().all(|c| c.is_ascii_uppercase() || c == '_'),
+                "{s}"
+            );
+            assert!(code.status().is_client_error() || code.status().is_server_error());
+        }
+    }
+
+    #[tokio::test]
+    async fn error_answers_have_the_common_shape_and_retry_after() {
+        use http_body_util::BodyExt;
+        let response = ApiError::new(ErrorCode::RateLimited, "slow down")
+            .retry_after(2)
+            .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            body,
+            ErrorBody {
+                code: "RATE_LIMITED".into(),
+                message: "slow down".into()
+            }
+        );
+    }
+}

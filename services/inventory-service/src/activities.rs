@@ -1,0 +1,157 @@
+//! Activities and their stock in MySQL.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use flash_sale_common::db::is_duplicate_key;
+use flash_sale_common::domain::ActivityId;
+use sqlx::MySqlPool;
+
+/// One row of `inventory`, with what `orders` says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activity {
+    pub id: ActivityId,
+    pub name: Option<String>,
+    /// Stock not yet ordered in MySQL.
+    pub stock: i64,
+    /// All stock ever put on sale; `None` for a row inserted by hand until the warm-up fills it.
+    pub total_stock: Option<i64>,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+    /// Sum of ordered quantities in `orders`.
+    pub ordered: i64,
+}
+
+/// A new activity, already validated.
+#[derive(Debug, Clone)]
+pub struct NewActivity {
+    pub id: ActivityId,
+    pub name: Option<String>,
+    pub stock: i64,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+}
+
+type Row = (
+    i64,
+    Option<String>,
+    i32,
+    Option<i32>,
+    Option<NaiveDateTime>,
+    Option<NaiveDateTime>,
+    i64,
+);
+
+const SELECT: &str = "SELECT i.activity_id, i.name, i.stock, i.total_stock, i.start_time, i.end_time, \
+     CAST(COALESCE((SELECT SUM(o.quantity) FROM orders o WHERE o.activity_id = i.activity_id), 0) AS SIGNED) \
+     FROM inventory i";
+
+fn from_row(r: Row) -> Option<Activity> {
+    Some(Activity {
+        id: ActivityId::new(r.0)?,
+        name: r.1,
+        stock: i64::from(r.2),
+        total_stock: r.3.map(i64::from),
+        start_time: r.4.map(|t| t.and_utc()),
+        end_time: r.5.map(|t| t.and_utc()),
+        ordered: r.6,
+    })
+}
+
+pub async fn find(db: &MySqlPool, id: ActivityId) -> Result<Option<Activity>, sqlx::Error> {
+    let row: Option<Row> = sqlx::query_as(&format!("{SELECT} WHERE i.activity_id = ?"))
+        .bind(id.get())
+        .fetch_optional(db)
+        .await?;
+    Ok(row.and_then(from_row))
+}
+
+/// Every activity, newest id first.
+pub async fn list(db: &MySqlPool) -> Result<Vec<Activity>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(&format!("{SELECT} ORDER BY i.activity_id DESC"))
+        .fetch_all(db)
+        .await?;
+    Ok(rows.into_iter().filter_map(from_row).collect())
+}
+
+/// Activities the scheduled jobs look after: not ended more than a day ago.
+pub async fn current(db: &MySqlPool) -> Result<Vec<ActivityId>, sqlx::Error> {
+    let ids: Vec<(i64,)> = sqlx::query_as(
+        "SELECT activity_id FROM inventory \
+         WHERE end_time IS NULL OR end_time > UTC_TIMESTAMP(3) - INTERVAL 1 DAY",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(ids.into_iter().filter_map(|(id,)| ActivityId::new(id)).collect())
+}
+
+/// Inserts a new activity. `Ok(false)` if the id is taken.
+pub async fn create(db: &MySqlPool, new: &NewActivity) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        "INSERT INTO inventory (activity_id, name, stock, total_stock, start_time, end_time) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(new.id.get())
+    .bind(new.name.as_deref())
+    .bind(new.stock)
+    .bind(new.stock)
+    .bind(new.start_time.map(|t| t.naive_utc()))
+    .bind(new.end_time.map(|t| t.naive_utc()))
+    .execute(db)
+    .await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if is_duplicate_key(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Adds stock in MySQL. `Ok(false)` if there is no such activity.
+pub async fn restock(db: &MySqlPool, id: ActivityId, quantity: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE inventory SET stock = stock + ?, total_stock = total_stock + ?, version = version + 1 \
+         WHERE activity_id = ? AND total_stock IS NOT NULL",
+    )
+    .bind(quantity)
+    .bind(quantity)
+    .bind(id.get())
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Fills `total_stock` of a row inserted by hand (the seed's `INSERT INTO inventory (activity_id,
+/// stock)`): everything ever on sale is what is left plus what was ordered.
+pub async fn fill_total(db: &MySqlPool, id: ActivityId) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE inventory i SET i.total_stock = i.stock + \
+         COALESCE((SELECT SUM(o.quantity) FROM orders o WHERE o.activity_id = i.activity_id), 0) \
+         WHERE i.activity_id = ? AND i.total_stock IS NULL",
+    )
+    .bind(id.get())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Buyers who hold an order in MySQL.
+pub async fn buyers(db: &MySqlPool, id: ActivityId) -> Result<Vec<i64>, sqlx::Error> {
+    let rows: Vec<(i64,)> = sqlx::query_as("SELECT user_id FROM orders WHERE activity_id = ?")
+        .bind(id.get())
+        .fetch_all(db)
+        .await?;
+    Ok(rows.into_iter().map(|(u,)| u).collect())
+}
+
+/// Which of these order numbers are in MySQL.
+pub async fn existing_orders(db: &MySqlPool, order_nos: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    if order_nos.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut q = sqlx::QueryBuilder::new("SELECT order_no FROM orders WHERE order_no IN (");
+    let mut sep = q.separated(", ");
+    for no in order_nos {
+        sep.push_bind(no);
+    }
+    q.push(")");
+    let rows: Vec<(String,)> = q.build_query_as().fetch_all(db).await?;
+    Ok(rows.into_iter().map(|(n,)| n).collect())
+}

@@ -1,0 +1,15 @@
+//! inventory-service: activities and their stock in MySQL, the warm-up that loads them into
+//! Redis, and the reconciler that keeps the two honest.
+//!
+//! Layout: `configuration`, `startup` (binding, the scheduled jobs, drain), `routes` (the admin
+//! API, bearer-token protected), `activities` (MySQL access), `warmup`, `reconciler`.
+
+pub mod activities;
+pub mod configuration;
+pub mod reconciler;
+pub mod routes;
+pub mod startup;
+pub mod warmup;
+
+pub use configuration::Settings;
+pub use startup::{AppState, Application};

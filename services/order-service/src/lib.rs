@@ -1,0 +1,26 @@
+//! order-service: the buy path of the flash sale.
+//!
+//! ```text
+//! POST /api/flash-sale/order/create
+//!   -> sold-out short circuit (this pod already knows)       routes/create_order.rs, sold_out.rs
+//!   -> one Lua call: window, dedupe, stock, reservation       flash_sale_common::redis
+//!   -> publish to Kafka, wait for the broker's ack            publisher.rs
+//!   -> 202 PENDING   (a failed publish undoes the reservation and answers 503)
+//! consumer: batches -> claim in Redis -> one MySQL transaction -> settle -> commit offsets
+//!                                                             consumer.rs
+//! GET /api/flash-sale/order/{orderNo}: PENDING while Redis holds the reservation, then CREATED
+//! ```
+//!
+//! Layout: `configuration` (settings), `startup` (binding, tasks, drain), `routes` (handlers),
+//! `publisher`, `consumer`, `sold_out`, `state`.
+
+pub mod configuration;
+pub mod consumer;
+pub mod publisher;
+pub mod routes;
+pub mod sold_out;
+pub mod startup;
+pub mod state;
+
+pub use configuration::Settings;
+pub use startup::Application;

@@ -1,0 +1,166 @@
+//! Building the application (connect, bind) and running it until a drain completes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flash_sale_common::db;
+use flash_sale_common::management::{self, Readiness};
+use flash_sale_common::redis::Redis;
+use flash_sale_common::telemetry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::configuration::Settings;
+use crate::consumer::OrderConsumer;
+use crate::publisher::{self, Publisher};
+use crate::routes;
+use crate::sold_out::SoldOut;
+use crate::state::AppState;
+
+/// How long shutdown waits for the producer to deliver what it holds.
+const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Application {
+    listener: TcpListener,
+    management: TcpListener,
+    state: AppState,
+    consumer: Option<OrderConsumer>,
+    readiness: Readiness,
+}
+
+impl Application {
+    /// Connects to Redis, MySQL and Kafka (creating the topic if needed) and binds both
+    /// listeners. Port 0 picks free ports (tests).
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Install the recorder before anything records.
+        telemetry::metrics_handle();
+        let redis = Redis::connect(&settings.redis)
+            .await
+            .context("connecting to Redis")?;
+        let db = db::pool(&settings.database).context("configuring the MySQL pool")?;
+        publisher::ensure_topic(
+            &settings.kafka,
+            settings.consumer.topic_partitions,
+            settings.consumer.topic_replication,
+        )
+        .await
+        .context("creating the order topic")?;
+        let publisher = Publisher::new(&settings.kafka).context("creating the Kafka producer")?;
+        let consumer = if settings.consumer.enabled {
+            Some(
+                OrderConsumer::new(
+                    &settings.kafka,
+                    settings.consumer.clone(),
+                    db.clone(),
+                    redis.clone(),
+                )
+                .context("creating the Kafka consumer")?,
+            )
+        } else {
+            None
+        };
+        let state = AppState {
+            redis,
+            db,
+            publisher,
+            sold_out: Arc::new(SoldOut::new(Duration::from_millis(
+                settings.order.sold_out_ttl_ms,
+            ))),
+            settings: Arc::new(settings.order.clone()),
+        };
+        let listener = TcpListener::bind(settings.server.address()?)
+            .await
+            .context("binding the app listener")?;
+        let management_listener = TcpListener::bind(settings.management.address()?)
+            .await
+            .context("binding the management listener")?;
+        let readiness = Readiness::default();
+        Ok(Self {
+            listener,
+            management: management_listener,
+            state,
+            consumer,
+            readiness,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn management_port(&self) -> u16 {
+        self.management.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The shared state, for tests that drive the router directly.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in order: readiness off, HTTP requests
+    /// finish (each waits for its broker ack), the producer flushes, the consumer finishes and
+    /// commits its batch, the management listener closes. A task that ends early cancels the
+    /// others and is named in the error.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            management,
+            state,
+            consumer,
+            readiness,
+        } = self;
+        let publisher = state.publisher.clone();
+        let app = routes::router(state);
+        let mgmt = management::router(readiness.clone(), telemetry::metrics_handle());
+        let mgmt_stop = CancellationToken::new();
+
+        let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            ("http server", result.map_err(Into::into))
+        });
+        if let Some(consumer) = consumer {
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                consumer.run(stop).await;
+                ("order consumer", Ok(()))
+            });
+        }
+        let mgmt_task = {
+            let stop = mgmt_stop.clone();
+            tokio::spawn(async move {
+                axum::serve(management, mgmt)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+            })
+        };
+        readiness.set_ready(true);
+        tracing::info!("order-service ready");
+
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (name, result) = joined.context("a task panicked")?;
+            if !shutdown.is_cancelled() {
+                tracing::error!(task = name, ?result, "task ended before shutdown; stopping");
+                failure.get_or_insert(anyhow::anyhow!("{name} ended unexpectedly: {result:?}"));
+                shutdown.cancel();
+            }
+            readiness.set_ready(false);
+            if name == "http server" {
+                let publisher = publisher.clone();
+                tokio::task::spawn_blocking(move || publisher.flush(PRODUCER_FLUSH_TIMEOUT))
+                    .await?
+                    .unwrap_or_else(|e| tracing::error!(error = %e, "producer flush failed"));
+            }
+        }
+        mgmt_stop.cancel();
+        mgmt_task.await??;
+        tracing::info!("order-service stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}

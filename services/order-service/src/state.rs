@@ -1,0 +1,19 @@
+//! The state every handler shares; cheap to clone.
+
+use std::sync::Arc;
+
+use flash_sale_common::redis::Redis;
+use sqlx::MySqlPool;
+
+use crate::configuration::OrderSettings;
+use crate::publisher::Publisher;
+use crate::sold_out::SoldOut;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub redis: Redis,
+    pub db: MySqlPool,
+    pub publisher: Publisher,
+    pub sold_out: Arc<SoldOut>,
+    pub settings: Arc<OrderSettings>,
+}

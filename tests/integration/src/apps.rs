@@ -1,0 +1,146 @@
+//! The services running in-process against a [`Stack`], on free ports, each stopped by its own
+//! token. Test files use [`TestApps::spawn`] and read like the API they exercise.
+
+use std::time::Duration;
+
+use flash_sale_common::configuration::{ListenerSettings, LogFormat, Secret};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::stack::Stack;
+
+/// The admin token the test inventory-service accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+pub fn local(port: u16) -> ListenerSettings {
+    ListenerSettings {
+        host: "127.0.0.1".into(),
+        port,
+    }
+}
+
+/// order-service settings pointing at `stack`, on free ports.
+pub fn order_settings(stack: &Stack) -> order_service::Settings {
+    let mut s = order_service::Settings::default();
+    s.server = local(0);
+    s.management = local(0);
+    s.redis.url = stack.redis_url();
+    s.database.url = Secret::new(stack.database_url());
+    s.kafka.brokers = stack.brokers();
+    s.kafka.message_timeout_ms = 3000;
+    s.consumer.batch_linger_ms = 10;
+    s.consumer.retry_backoff_ms = 100;
+    s.telemetry.log_format = LogFormat::Pretty;
+    s
+}
+
+/// inventory-service settings pointing at `stack`, on free ports, with the schedules off (tests
+/// drive the jobs through the API).
+pub fn inventory_settings(stack: &Stack) -> inventory_service::Settings {
+    let mut s = inventory_service::Settings::default();
+    s.server = local(0);
+    s.management = local(0);
+    s.redis.url = stack.redis_url();
+    s.database.url = Secret::new(stack.database_url());
+    s.inventory.admin_token = Secret::new(ADMIN_TOKEN);
+    s.inventory.warmup_interval_secs = 0;
+    s.inventory.reconcile_interval_secs = 0;
+    s.telemetry.log_format = LogFormat::Pretty;
+    s
+}
+
+/// One running service.
+pub struct RunningApp {
+    pub base_url: String,
+    pub management_url: String,
+    token: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningApp {
+    /// Drains and stops the service (as on SIGTERM), returning how it ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.token.cancel();
+        match self.handle.take() {
+            Some(handle) => tokio::time::timeout(Duration::from_secs(30), handle).await??,
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the service without waiting for anything: the closest to a crash in-process.
+    pub fn abort(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+impl Drop for RunningApp {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+pub async fn spawn_order_service(settings: order_service::Settings) -> anyhow::Result<RunningApp> {
+    let app = order_service::Application::build(settings).await?;
+    let (port, mgmt) = (app.port(), app.management_port());
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+    Ok(RunningApp {
+        base_url: format!("http://127.0.0.1:{port}"),
+        management_url: format!("http://127.0.0.1:{mgmt}"),
+        token,
+        handle: Some(handle),
+    })
+}
+
+pub async fn spawn_inventory_service(
+    settings: inventory_service::Settings,
+) -> anyhow::Result<RunningApp> {
+    let app = inventory_service::Application::build(settings).await?;
+    let (port, mgmt) = (app.port(), app.management_port());
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+    Ok(RunningApp {
+        base_url: format!("http://127.0.0.1:{port}"),
+        management_url: format!("http://127.0.0.1:{mgmt}"),
+        token,
+        handle: Some(handle),
+    })
+}
+
+/// A stack with both services running on it.
+pub struct TestApps {
+    pub order: RunningApp,
+    pub inventory: RunningApp,
+    pub http: reqwest::Client,
+    /// Declared last: dropped after the apps.
+    pub stack: Stack,
+}
+
+impl TestApps {
+    pub async fn spawn(stack: Stack) -> anyhow::Result<Self> {
+        let order = spawn_order_service(order_settings(&stack)).await?;
+        let inventory = spawn_inventory_service(inventory_settings(&stack)).await?;
+        Ok(Self {
+            order,
+            inventory,
+            http: http_client(),
+            stack,
+        })
+    }
+
+    pub fn admin(&self) -> crate::scenario::Admin {
+        crate::scenario::Admin::new(self.http.clone(), &self.inventory.base_url, ADMIN_TOKEN)
+    }
+}
+
+/// A client with enough idle connections for load, and no proxy.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("a plain HTTP client builds")
+}

@@ -1,0 +1,13 @@
+//! Test support for the flash-sale services, shared by the integration tests and `cargo xtask`.
+//!
+//! Layout:
+//! - [`stack`]: private Redis, MariaDB and Kafka-protocol broker (tansu) instances on free
+//!   127.0.0.1 ports under a temporary directory, torn down on drop.
+//! - [`apps`]: the services running in-process against a stack (`spawn_app`), on port 0.
+//! - [`scenario`]: a sale driven through the public API, with the report and the invariant check
+//!   of DESIGN.md; the same code runs in the tests, in `cargo xtask sale` and in the NixOS VM
+//!   test (`flash-sale-scenario`).
+
+pub mod apps;
+pub mod scenario;
+pub mod stack;

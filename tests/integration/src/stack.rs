@@ -1,0 +1,387 @@
+//! Private server instances for tests and the local stack: Redis, MariaDB and a Kafka-protocol
+//! broker (tansu), each on a free 127.0.0.1 port, with its files under one temporary directory.
+//! Dropping a [`Stack`] stops them and deletes the directory; [`Stack::detach`] keeps them running
+//! (`cargo xtask up`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// Where the broker keeps its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerStorage {
+    /// SQLite file: survives a broker restart (crash tests, the main job).
+    Sqlite,
+    /// In memory: fastest, lost on restart (benchmarks).
+    Memory,
+}
+
+/// What a running stack offers, and which processes make it up. Serializable, so `cargo xtask
+/// up` can write it down and `cargo xtask down` can stop what it started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StackInfo {
+    pub dir: PathBuf,
+    pub redis_port: u16,
+    pub mysql_port: u16,
+    pub broker_port: u16,
+    pub mysql_password: String,
+    pub broker_storage: BrokerStorage,
+    pub pids: Vec<u32>,
+}
+
+impl StackInfo {
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.redis_port)
+    }
+
+    /// DSN of the application user on the `flash_sale` database.
+    pub fn database_url(&self) -> String {
+        format!(
+            "mysql://flash_sale:{}@127.0.0.1:{}/flash_sale",
+            self.mysql_password, self.mysql_port
+        )
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.broker_port)
+    }
+}
+
+/// A running stack; dropping it stops every server and removes its files.
+pub struct Stack {
+    info: StackInfo,
+    redis: Option<Child>,
+    mysql: Option<Child>,
+    broker: Option<Child>,
+    detached: bool,
+}
+
+/// The three servers the stack needs, with how to install them on Debian.
+pub const REQUIRED_TOOLS: &[(&str, &str)] = &[
+    ("redis-server", "apt-get install redis-server"),
+    ("mariadbd", "apt-get install mariadb-server"),
+    ("mariadb-install-db", "apt-get install mariadb-server"),
+    (
+        "tansu",
+        "cargo install tansu --locked --features dynostore,libsql",
+    ),
+];
+
+/// Finds a program on PATH, in /usr/sbin (mariadbd) or in ~/.cargo/bin (tansu).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.push("/usr/sbin".into());
+    dirs.push("/usr/local/sbin".into());
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    if let Some(cargo_home) = std::env::var_os("CARGO_HOME") {
+        dirs.push(Path::new(&cargo_home).join("bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn program(name: &str) -> anyhow::Result<PathBuf> {
+    find_program(name).with_context(|| {
+        let hint = REQUIRED_TOOLS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, h)| h);
+        format!("`{name}` is not installed; `cargo xtask setup` installs it ({hint})")
+    })
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("{what} exited with {status} before listening on {port}:\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("{what} did not listen on 127.0.0.1:{port} within 30 s (log: {})", log.display())
+}
+
+fn spawn_logged(mut cmd: Command, dir: &Path, name: &str, detached: bool) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if detached {
+        // Its own process group: a Ctrl-C in the terminal that started it does not stop it.
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    cmd.spawn().with_context(|| format!("starting {name}"))
+}
+
+/// A MariaDB data directory initialised once per process and copied for each stack (install
+/// takes seconds; a copy, milliseconds).
+fn mariadb_template() -> anyhow::Result<&'static Path> {
+    static TEMPLATE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let result = TEMPLATE.get_or_init(|| {
+        let make = || -> anyhow::Result<PathBuf> {
+            let dir = tempfile::Builder::new()
+                .prefix("flash-sale-mariadb-template-")
+                .tempdir()?
+                .keep();
+            let data = dir.join("data");
+            let out = Command::new(program("mariadb-install-db")?)
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", data.display()))
+                .args([
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                    "--user=root",
+                    "--innodb-log-file-size=8M",
+                ])
+                .output()
+                .context("running mariadb-install-db")?;
+            if !out.status.success() {
+                bail!(
+                    "mariadb-install-db failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(data)
+        };
+        make().map_err(|e| format!("{e:#}"))
+    });
+    match result {
+        Ok(path) => Ok(path.as_path()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+impl Stack {
+    /// Starts Redis, MariaDB (with the `flash_sale` database, its user and the migrations) and the
+    /// broker. `root` is where the temporary directory goes (`None`: the system's temp dir).
+    pub async fn start(storage: BrokerStorage) -> anyhow::Result<Self> {
+        Self::start_in(storage, None, false).await
+    }
+
+    pub async fn start_in(
+        storage: BrokerStorage,
+        root: Option<&Path>,
+        detached: bool,
+    ) -> anyhow::Result<Self> {
+        let dir = match root {
+            Some(root) => {
+                std::fs::create_dir_all(root)?;
+                tempfile::Builder::new().prefix("stack-").tempdir_in(root)?
+            }
+            None => tempfile::Builder::new().prefix("flash-sale-stack-").tempdir()?,
+        }
+        .keep();
+        let password: String = format!("pw{:016x}", rand_u64());
+        let mut stack = Stack {
+            info: StackInfo {
+                dir,
+                redis_port: 0,
+                mysql_port: 0,
+                broker_port: 0,
+                mysql_password: password,
+                broker_storage: storage,
+                pids: Vec::new(),
+            },
+            redis: None,
+            mysql: None,
+            broker: None,
+            detached,
+        };
+        stack.start_redis()?;
+        stack.start_mysql().await?;
+        stack.start_broker()?;
+        Ok(stack)
+    }
+
+    pub fn info(&self) -> &StackInfo {
+        &self.info
+    }
+
+    pub fn redis_url(&self) -> String {
+        self.info.redis_url()
+    }
+
+    pub fn database_url(&self) -> String {
+        self.info.database_url()
+    }
+
+    pub fn brokers(&self) -> String {
+        self.info.brokers()
+    }
+
+    /// Keeps the servers running after this value is gone; returns how to find and stop them.
+    pub fn detach(mut self) -> StackInfo {
+        self.detached = true;
+        self.refresh_pids();
+        self.info.clone()
+    }
+
+    fn refresh_pids(&mut self) {
+        self.info.pids = [&self.redis, &self.mysql, &self.broker]
+            .into_iter()
+            .flatten()
+            .map(Child::id)
+            .collect();
+    }
+
+    fn start_redis(&mut self) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let mut cmd = Command::new(program("redis-server")?);
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"])
+            .arg("--dir")
+            .arg(&self.info.dir);
+        let mut child = spawn_logged(cmd, &self.info.dir, "redis", self.detached)?;
+        wait_for_port(port, &mut child, "redis-server", &self.info.dir.join("redis.log"))?;
+        self.info.redis_port = port;
+        self.redis = Some(child);
+        Ok(())
+    }
+
+    async fn start_mysql(&mut self) -> anyhow::Result<()> {
+        let data = self.info.dir.join("mysql");
+        copy_dir(mariadb_template()?, &data)?;
+        let port = free_port()?;
+        let mut cmd = Command::new(program("mariadbd")?);
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", self.info.dir.join("mysql.sock").display()))
+            .arg(format!("--pid-file={}", self.info.dir.join("mysql.pid").display()))
+            .arg(format!("--port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-log-file-size=8M",
+                "--max-connections=500",
+            ]);
+        let mut child = spawn_logged(cmd, &self.info.dir, "mysql", self.detached)?;
+        wait_for_port(port, &mut child, "mariadbd", &self.info.dir.join("mysql.log"))?;
+        self.info.mysql_port = port;
+        self.mysql = Some(child);
+
+        // The application database and user, then the schema.
+        let root = format!("mysql://root@127.0.0.1:{port}/mysql");
+        let pool = sqlx::MySqlPool::connect(&root).await.context("connecting as root")?;
+        for statement in [
+            "CREATE DATABASE flash_sale CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci".to_owned(),
+            format!(
+                "CREATE USER 'flash_sale'@'127.0.0.1' IDENTIFIED BY '{}'",
+                self.info.mysql_password
+            ),
+            "GRANT ALL ON flash_sale.* TO 'flash_sale'@'127.0.0.1'".to_owned(),
+        ] {
+            sqlx::query(&statement).execute(&pool).await?;
+        }
+        pool.close().await;
+        let app = sqlx::MySqlPool::connect(&self.database_url()).await?;
+        flash_sale_common::db::MIGRATOR
+            .run(&app)
+            .await
+            .context("applying migrations")?;
+        app.close().await;
+        Ok(())
+    }
+
+    /// Starts the broker (again, after [`Stack::stop_broker`]: on the same port and, with SQLite
+    /// storage, the same data).
+    pub fn start_broker(&mut self) -> anyhow::Result<()> {
+        let port = if self.info.broker_port == 0 {
+            free_port()?
+        } else {
+            self.info.broker_port
+        };
+        let url = format!("tcp://127.0.0.1:{port}");
+        let storage = match self.info.broker_storage {
+            BrokerStorage::Sqlite => "sqlite://tansu.db",
+            BrokerStorage::Memory => "memory://tansu/",
+        };
+        let mut cmd = Command::new(program("tansu")?);
+        cmd.current_dir(&self.info.dir)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", storage])
+            .env("RUST_LOG", "warn");
+        let mut child = spawn_logged(cmd, &self.info.dir, "broker", self.detached)?;
+        wait_for_port(port, &mut child, "tansu", &self.info.dir.join("broker.log"))?;
+        self.info.broker_port = port;
+        self.broker = Some(child);
+        Ok(())
+    }
+
+    /// Kills the broker (SIGKILL: a crash, not a clean stop).
+    pub fn stop_broker(&mut self) {
+        if let Some(mut child) = self.broker.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops every process listed in `info` (a stack detached by an earlier command).
+    pub fn stop_detached(info: &StackInfo) {
+        for pid in &info.pids {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for pid in &info.pids {
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&info.dir);
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        for child in [&mut self.broker, &mut self.mysql, &mut self.redis]
+            .into_iter()
+            .flatten()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.info.dir);
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}

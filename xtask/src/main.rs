@@ -1,0 +1,47 @@
+//! `cargo xtask <command>`: the project's commands.
+//!
+//! - `sale`: the main job. Installs what is missing, builds the services, starts a private stack
+//!   and the services, opens a sale, drives load at it through the public API, waits for the
+//!   queue to drain and prints the report with the invariant check.
+//! - `up [--foreground]` / `down` / `status`: the whole system on this machine, for trying the
+//!   API by hand.
+//! - `setup`: installs the servers and tools (Debian packages, tansu).
+//! - `ci`: every check and test; `.ci/run` runs exactly this.
+
+mod ci;
+mod services;
+mod setup;
+mod sale;
+mod up;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = args.split_first().map_or(("help", &[][..]), |(c, r)| (c.as_str(), r));
+    match command {
+        "sale" => sale::run(rest),
+        "up" => up::up(rest),
+        "down" => up::down(),
+        "status" => up::status(),
+        "setup" => setup::run(),
+        "ci" => ci::run(),
+        "help" | "--help" | "-h" => {
+            println!("{}", HELP.trim());
+            Ok(())
+        }
+        other => anyhow::bail!("unknown command {other:?}\n\n{}", HELP.trim()),
+    }
+}
+
+const HELP: &str = "
+usage: cargo xtask <command>
+
+  sale [--requests N] [--concurrency C] [--stock S] [--hey]
+                     the main job: a local flash sale end to end, with its report
+                     (defaults: the seed's 100000 requests, 1000 concurrent, 10000 items;
+                     --hey also runs the seed's hey command against the stack)
+  up [--foreground]  start the stack and the services and print where they listen
+  down               stop what `up` started
+  status             show what `up` started
+  setup              install redis-server, mariadb-server, hey and tansu if missing
+  ci                 every check and test (what .ci/run runs)
+";

@@ -1,0 +1,140 @@
+//! The service binaries, built in release mode and run as processes against a stack.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flash_sale_tests::stack::{StackInfo, free_port};
+use serde::{Deserialize, Serialize};
+
+/// The admin token of a local stack (local only; never a production value).
+pub const LOCAL_ADMIN_TOKEN: &str = "local-admin-token";
+
+pub const SERVICES: &[&str] = &["order-service", "inventory-service"];
+
+/// Where a running service listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub pid: u32,
+    pub port: u16,
+    pub management_port: u16,
+}
+
+impl ServiceInfo {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn management_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.management_port)
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+/// `cargo build --release` of the service binaries.
+pub fn build() -> anyhow::Result<()> {
+    println!("building the services (release)...");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root())
+        .args(["build", "--release", "--quiet"]);
+    for s in SERVICES {
+        cmd.args(["-p", s]);
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("building the services failed");
+    }
+    Ok(())
+}
+
+fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    target.join("release").join(name)
+}
+
+/// Starts one service against `stack`, logging to `<stack dir>/<name>.log`, and waits until it
+/// is ready.
+pub fn start(name: &str, stack: &StackInfo, detached: bool) -> anyhow::Result<(Child, ServiceInfo)> {
+    let port = free_port()?;
+    let management_port = free_port()?;
+    let log = std::fs::File::create(stack.dir.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(binary(name));
+    cmd.env("FLASH_SALE_SERVER__HOST", "127.0.0.1")
+        .env("FLASH_SALE_SERVER__PORT", port.to_string())
+        .env("FLASH_SALE_MANAGEMENT__HOST", "127.0.0.1")
+        .env("FLASH_SALE_MANAGEMENT__PORT", management_port.to_string())
+        .env("FLASH_SALE_REDIS__URL", stack.redis_url())
+        .env("FLASH_SALE_DATABASE__URL", stack.database_url())
+        .env("FLASH_SALE_KAFKA__BROKERS", stack.brokers())
+        .env("FLASH_SALE_INVENTORY__ADMIN_TOKEN", LOCAL_ADMIN_TOKEN)
+        .env("FLASH_SALE_TELEMETRY__LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if detached {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} (build it with `cargo build --release`)", binary(name).display()))?;
+    let info = ServiceInfo {
+        name: name.to_owned(),
+        pid: child.id(),
+        port,
+        management_port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = format!("127.0.0.1:{management_port}");
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(stack.dir.join(format!("{name}.log"))).unwrap_or_default();
+            bail!("{name} exited with {status}:\n{log}");
+        }
+        if http_ok(&ready, "/health/ready") {
+            return Ok((child, info));
+        }
+        if Instant::now() > deadline {
+            bail!("{name} was not ready within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A blocking GET that is true on a 200 answer (no client library needed for a probe).
+fn http_ok(addr: &str, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// SIGTERM, then wait for the graceful drain (SIGKILL after 30 s).
+pub fn stop(child: &mut Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

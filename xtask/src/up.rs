@@ -1,0 +1,116 @@
+//! `cargo xtask up|down|status`: the whole system on this machine, for trying the API by hand.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use flash_sale_tests::stack::{BrokerStorage, Stack, StackInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::services::{self, LOCAL_ADMIN_TOKEN, ServiceInfo};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Running {
+    stack: StackInfo,
+    services: Vec<ServiceInfo>,
+}
+
+fn state_file() -> PathBuf {
+    services::workspace_root().join(".flash-sale/running.json")
+}
+
+pub fn up(args: &[String]) -> anyhow::Result<()> {
+    let foreground = match args {
+        [] => false,
+        [f] if f == "--foreground" => true,
+        _ => bail!("usage: cargo xtask up [--foreground]"),
+    };
+    if state_file().exists() {
+        bail!("already running (see `cargo xtask status`); `cargo xtask down` stops it");
+    }
+    crate::setup::run()?;
+    services::build()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let root = services::workspace_root().join(".flash-sale");
+    let stack = runtime.block_on(Stack::start_in(BrokerStorage::Sqlite, Some(&root), !foreground))?;
+    let mut children = Vec::new();
+    let mut infos = Vec::new();
+    for name in services::SERVICES {
+        let (child, info) = services::start(name, stack.info(), !foreground)?;
+        children.push(child);
+        infos.push(info);
+    }
+    let running = Running {
+        stack: stack.info().clone(),
+        services: infos,
+    };
+    print_running(&running);
+    if foreground {
+        println!("\nrunning in the foreground; Ctrl-C stops everything");
+        runtime.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        for child in &mut children {
+            services::stop(child);
+        }
+        drop(stack);
+        println!("stopped");
+        return Ok(());
+    }
+    let mut running = running;
+    running.stack = stack.detach();
+    std::fs::write(state_file(), serde_json::to_string_pretty(&running)?)?;
+    println!("\nrunning in the background; `cargo xtask down` stops it");
+    Ok(())
+}
+
+fn print_running(r: &Running) {
+    let s = &r.stack;
+    println!("flash-sale is up:");
+    for svc in &r.services {
+        println!("  {:<18} {}   (health and metrics: {})", svc.name, svc.url(), svc.management_url());
+    }
+    println!("  {:<18} {}", "redis", s.redis_url());
+    println!("  {:<18} {}", "mysql", s.database_url());
+    println!("  {:<18} {}", "kafka broker", s.brokers());
+    println!("  {:<18} {}", "admin token", LOCAL_ADMIN_TOKEN);
+    println!("  {:<18} {}", "files and logs", s.dir.display());
+    let inv = &r.services[1];
+    let ord = &r.services[0];
+    println!("\ntry it:");
+    println!(
+        "  curl -s -X POST {}/api/inventory/activities -H 'Authorization: Bearer {LOCAL_ADMIN_TOKEN}' \\\n    -H 'Content-Type: application/json' -d '{{\"activityId\":\"1\",\"name\":\"demo\",\"stock\":100}}'",
+        inv.url()
+    );
+    println!(
+        "  curl -s -X POST {}/api/flash-sale/order/create -H 'Content-Type: application/json' \\\n    -d '{{\"userId\":\"42\",\"activityId\":\"1\",\"quantity\":1}}'",
+        ord.url()
+    );
+}
+
+pub fn down() -> anyhow::Result<()> {
+    let path = state_file();
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        println!("nothing is running");
+        return Ok(());
+    };
+    let running: Running = serde_json::from_str(&text).context("reading .flash-sale/running.json")?;
+    for svc in &running.services {
+        let _ = std::process::Command::new("kill").arg(svc.pid.to_string()).status();
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    Stack::stop_detached(&running.stack);
+    std::fs::remove_file(&path)?;
+    println!("stopped");
+    Ok(())
+}
+
+pub fn status() -> anyhow::Result<()> {
+    match std::fs::read_to_string(state_file()) {
+        Ok(text) => {
+            let running: Running = serde_json::from_str(&text)?;
+            print_running(&running);
+        }
+        Err(_) => println!("nothing is running (`cargo xtask up` starts it)"),
+    }
+    Ok(())
+}
