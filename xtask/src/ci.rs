@@ -8,10 +8,13 @@ use anyhow::{Context, bail};
 
 use crate::services::workspace_root;
 
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     let root = workspace_root();
-    step("install the servers and tools", || crate::setup::run())?;
-    for script in ["tests/deploy/install-tools.sh", "tests/flake/install-tools.sh"] {
+    step("install the servers and tools", crate::setup::run)?;
+    for script in [
+        "tests/deploy/install-tools.sh",
+        "tests/flake/install-tools.sh",
+    ] {
         if root.join(script).exists() {
             step(&format!("install tools ({script})"), || {
                 cmd(&root, "bash", &[script], &[])
@@ -25,26 +28,47 @@ pub fn run() -> anyhow::Result<()> {
         cmd(
             &root,
             "cargo",
-            &["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ],
             &[],
         )
     })?;
-    step("hermetic build (--locked --offline, SQLX_OFFLINE=true)", || {
-        cmd(
-            &root,
-            "cargo",
-            &["build", "--release", "--workspace", "--locked", "--offline"],
-            &[("SQLX_OFFLINE", "true")],
-        )
-    })?;
-    step("cargo test (unit, integration against private servers, manifests, flake)", || {
-        cmd(
-            &root,
-            "cargo",
-            &["test", "--release", "--workspace", "--locked", "--", "--test-threads=2"],
-            &[],
-        )
-    })?;
+    step(
+        "hermetic build (--locked --offline, SQLX_OFFLINE=true)",
+        || {
+            cmd(
+                &root,
+                "cargo",
+                &["build", "--release", "--workspace", "--locked", "--offline"],
+                &[("SQLX_OFFLINE", "true")],
+            )
+        },
+    )?;
+    step(
+        "cargo test (unit, integration against private servers, manifests, flake)",
+        || {
+            cmd(
+                &root,
+                "cargo",
+                &[
+                    "test",
+                    "--release",
+                    "--workspace",
+                    "--locked",
+                    "--",
+                    "--test-threads=2",
+                ],
+                &[],
+            )
+        },
+    )?;
     println!("\nci: every step passed");
     Ok(())
 }

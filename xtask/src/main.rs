@@ -5,20 +5,25 @@
 //!   queue to drain and prints the report with the invariant check.
 //! - `up [--foreground]` / `down` / `status`: the whole system on this machine, for trying the
 //!   API by hand.
+//! - `bench`: the buy path's throughput as ratios against a bare axum + one-Lua-call baseline.
 //! - `setup`: installs the servers and tools (Debian packages, tansu).
 //! - `ci`: every check and test; `.ci/run` runs exactly this.
 
+mod bench;
 mod ci;
+mod sale;
 mod services;
 mod setup;
-mod sale;
 mod up;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (command, rest) = args.split_first().map_or(("help", &[][..]), |(c, r)| (c.as_str(), r));
+    let (command, rest) = args
+        .split_first()
+        .map_or(("help", &[][..]), |(c, r)| (c.as_str(), r));
     match command {
         "sale" => sale::run(rest),
+        "bench" => bench::run(rest),
         "up" => up::up(rest),
         "down" => up::down(),
         "status" => up::status(),
@@ -39,6 +44,9 @@ usage: cargo xtask <command>
                      the main job: a local flash sale end to end, with its report
                      (defaults: the seed's 100000 requests, 1000 concurrent, 10000 items;
                      --hey also runs the seed's hey command against the stack)
+  bench [--seconds N] [--connections C]
+                     the benchmark: order-service paths against a bare axum handler
+                     making one Redis Lua call, same run, with wrk (docs/performance.md)
   up [--foreground]  start the stack and the services and print where they listen
   down               stop what `up` started
   status             show what `up` started

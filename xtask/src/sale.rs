@@ -42,7 +42,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
     Ok(o)
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let options = parse(args)?;
     crate::setup::run()?;
     services::build()?;
@@ -52,14 +52,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
 async fn sale(o: Options) -> anyhow::Result<()> {
     let root = services::workspace_root().join("target/flash-sale");
-    println!("starting a private Redis, MariaDB and tansu broker under {}", root.display());
+    println!(
+        "starting a private Redis, MariaDB and tansu broker under {}",
+        root.display()
+    );
     let stack = Stack::start_in(BrokerStorage::Sqlite, Some(&root), false).await?;
     let info = stack.info().clone();
     let mut children = Vec::new();
     let mut started = Vec::new();
     for name in services::SERVICES {
         let (child, svc) = services::start(name, &info, false)?;
-        println!("  {:<18} {}  (metrics {}/metrics)", svc.name, svc.url(), svc.management_url());
+        println!(
+            "  {:<18} {}  (metrics {}/metrics)",
+            svc.name,
+            svc.url(),
+            svc.management_url()
+        );
         children.push(child);
         started.push(svc);
     }
@@ -121,14 +129,19 @@ fn run_hey(order_url: &str) -> anyhow::Result<()> {
     let out = Command::new("hey")
         .args(["-n", "100000", "-c", "1000", "-m", "POST"])
         .args(["-H", "Content-Type: application/json"])
-        .args(["-d", r#"{"userId":"{random}","activityId":"1","quantity":1}"#])
+        .args([
+            "-d",
+            r#"{"userId":"{random}","activityId":"1","quantity":1}"#,
+        ])
         .arg(format!("{order_url}/api/flash-sale/order/create"))
         .output()
         .context("running hey")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let summary: String = text
         .lines()
-        .filter(|l| l.contains("Requests/sec") || l.contains("[") || l.contains("99%") || l.contains("50%"))
+        .filter(|l| {
+            l.contains("Requests/sec") || l.contains("[") || l.contains("99%") || l.contains("50%")
+        })
         .map(|l| format!("  {}\n", l.trim()))
         .collect();
     println!("{summary}");

@@ -9,38 +9,45 @@ use flash_sale_tests::stack::{StackInfo, free_port};
 use serde::{Deserialize, Serialize};
 
 /// The admin token of a local stack (local only; never a production value).
-pub const LOCAL_ADMIN_TOKEN: &str = "local-admin-token";
+pub(crate) const LOCAL_ADMIN_TOKEN: &str = "local-admin-token";
 
-pub const SERVICES: &[&str] = &["order-service", "inventory-service"];
+pub(crate) const SERVICES: &[&str] = &["order-service", "inventory-service"];
 
 /// Where a running service listens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceInfo {
-    pub name: String,
-    pub pid: u32,
-    pub port: u16,
-    pub management_port: u16,
+pub(crate) struct ServiceInfo {
+    pub(crate) name: String,
+    pub(crate) pid: u32,
+    pub(crate) port: u16,
+    pub(crate) management_port: u16,
 }
 
 impl ServiceInfo {
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub fn management_url(&self) -> String {
+    pub(crate) fn management_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.management_port)
     }
 }
 
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits in the workspace")
         .to_path_buf()
 }
 
-/// `cargo build --release` of the service binaries.
-pub fn build() -> anyhow::Result<()> {
+/// Environment variable naming a directory of prebuilt service binaries (`nix run .#sale` sets
+/// it); when set, nothing is built.
+pub(crate) const BIN_DIR_ENV: &str = "FLASH_SALE_BIN_DIR";
+
+/// `cargo build --release` of the service binaries, unless `FLASH_SALE_BIN_DIR` provides them.
+pub(crate) fn build() -> anyhow::Result<()> {
+    if std::env::var_os(BIN_DIR_ENV).is_some() {
+        return Ok(());
+    }
     println!("building the services (release)...");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root())
@@ -56,6 +63,9 @@ pub fn build() -> anyhow::Result<()> {
 }
 
 fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        return PathBuf::from(dir).join(name);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
     target.join("release").join(name)
@@ -63,7 +73,21 @@ fn binary(name: &str) -> PathBuf {
 
 /// Starts one service against `stack`, logging to `<stack dir>/<name>.log`, and waits until it
 /// is ready.
-pub fn start(name: &str, stack: &StackInfo, detached: bool) -> anyhow::Result<(Child, ServiceInfo)> {
+pub(crate) fn start(
+    name: &str,
+    stack: &StackInfo,
+    detached: bool,
+) -> anyhow::Result<(Child, ServiceInfo)> {
+    start_with(name, stack, detached, &[])
+}
+
+/// [`start`] with extra environment (settings overrides such as `FLASH_SALE_ORDER__...`).
+pub(crate) fn start_with(
+    name: &str,
+    stack: &StackInfo,
+    detached: bool,
+    env: &[(&str, String)],
+) -> anyhow::Result<(Child, ServiceInfo)> {
     let port = free_port()?;
     let management_port = free_port()?;
     let log = std::fs::File::create(stack.dir.join(format!("{name}.log")))?;
@@ -77,6 +101,7 @@ pub fn start(name: &str, stack: &StackInfo, detached: bool) -> anyhow::Result<(C
         .env("FLASH_SALE_KAFKA__BROKERS", stack.brokers())
         .env("FLASH_SALE_INVENTORY__ADMIN_TOKEN", LOCAL_ADMIN_TOKEN)
         .env("FLASH_SALE_TELEMETRY__LOG_FORMAT", "json")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -84,9 +109,12 @@ pub fn start(name: &str, stack: &StackInfo, detached: bool) -> anyhow::Result<(C
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {} (build it with `cargo build --release`)", binary(name).display()))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "starting {} (build it with `cargo build --release`)",
+            binary(name).display()
+        )
+    })?;
     let info = ServiceInfo {
         name: name.to_owned(),
         pid: child.id(),
@@ -97,7 +125,8 @@ pub fn start(name: &str, stack: &StackInfo, detached: bool) -> anyhow::Result<(C
     let ready = format!("127.0.0.1:{management_port}");
     loop {
         if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(stack.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(stack.dir.join(format!("{name}.log"))).unwrap_or_default();
             bail!("{name} exited with {status}:\n{log}");
         }
         if http_ok(&ready, "/health/ready") {
@@ -126,7 +155,7 @@ fn http_ok(addr: &str, path: &str) -> bool {
 }
 
 /// SIGTERM, then wait for the graceful drain (SIGKILL after 30 s).
-pub fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {

@@ -11,9 +11,10 @@ const APT: &[(&str, &str)] = &[
     ("mariadbd", "mariadb-server"),
     ("mariadb-install-db", "mariadb-server"),
     ("hey", "hey"),
+    ("wrk", "wrk"),
 ];
 
-pub fn run() -> anyhow::Result<()> {
+pub(crate) fn run() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT
         .iter()
         .filter(|(program, _)| find_program(program).is_none())
@@ -34,7 +35,15 @@ pub fn run() -> anyhow::Result<()> {
         sh(
             &[],
             "cargo",
-            &["install", "tansu", "--version", "0.6.0", "--locked", "--features", "dynostore,libsql"],
+            &[
+                "install",
+                "tansu",
+                "--version",
+                "0.6.0",
+                "--locked",
+                "--features",
+                "dynostore,libsql",
+            ],
         )?;
     }
     for (program, package) in APT {
@@ -65,9 +74,7 @@ fn sh(prefix: &[&str], program: &str, args: &[&str]) -> anyhow::Result<()> {
         None => Command::new(program),
     };
     cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {program}"))?;
+    let status = cmd.status().with_context(|| format!("running {program}"))?;
     if !status.success() {
         bail!("{program} {} failed with {status}", args.join(" "));
     }

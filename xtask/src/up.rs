@@ -18,7 +18,7 @@ fn state_file() -> PathBuf {
     services::workspace_root().join(".flash-sale/running.json")
 }
 
-pub fn up(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn up(args: &[String]) -> anyhow::Result<()> {
     let foreground = match args {
         [] => false,
         [f] if f == "--foreground" => true,
@@ -31,7 +31,11 @@ pub fn up(args: &[String]) -> anyhow::Result<()> {
     services::build()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let root = services::workspace_root().join(".flash-sale");
-    let stack = runtime.block_on(Stack::start_in(BrokerStorage::Sqlite, Some(&root), !foreground))?;
+    let stack = runtime.block_on(Stack::start_in(
+        BrokerStorage::Sqlite,
+        Some(&root),
+        !foreground,
+    ))?;
     let mut children = Vec::new();
     let mut infos = Vec::new();
     for name in services::SERVICES {
@@ -67,7 +71,12 @@ fn print_running(r: &Running) {
     let s = &r.stack;
     println!("flash-sale is up:");
     for svc in &r.services {
-        println!("  {:<18} {}   (health and metrics: {})", svc.name, svc.url(), svc.management_url());
+        println!(
+            "  {:<18} {}   (health and metrics: {})",
+            svc.name,
+            svc.url(),
+            svc.management_url()
+        );
     }
     println!("  {:<18} {}", "redis", s.redis_url());
     println!("  {:<18} {}", "mysql", s.database_url());
@@ -87,15 +96,18 @@ fn print_running(r: &Running) {
     );
 }
 
-pub fn down() -> anyhow::Result<()> {
+pub(crate) fn down() -> anyhow::Result<()> {
     let path = state_file();
     let Ok(text) = std::fs::read_to_string(&path) else {
         println!("nothing is running");
         return Ok(());
     };
-    let running: Running = serde_json::from_str(&text).context("reading .flash-sale/running.json")?;
+    let running: Running =
+        serde_json::from_str(&text).context("reading .flash-sale/running.json")?;
     for svc in &running.services {
-        let _ = std::process::Command::new("kill").arg(svc.pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg(svc.pid.to_string())
+            .status();
     }
     std::thread::sleep(std::time::Duration::from_secs(2));
     Stack::stop_detached(&running.stack);
@@ -104,7 +116,7 @@ pub fn down() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn status() -> anyhow::Result<()> {
+pub(crate) fn status() -> anyhow::Result<()> {
     match std::fs::read_to_string(state_file()) {
         Ok(text) => {
             let running: Running = serde_json::from_str(&text)?;

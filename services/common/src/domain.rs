@@ -198,7 +198,14 @@ mod tests {
         assert_eq!(Quantity::parse(None, 5).unwrap().get(), 1);
         assert_eq!(Quantity::parse(Some(&json!(5)), 5).unwrap().get(), 5);
         assert_eq!(Quantity::parse(Some(&json!("2")), 5).unwrap().get(), 2);
-        for bad in [json!(0), json!(6), json!(-1), json!(1e30), json!("x"), json!(2.5)] {
+        for bad in [
+            json!(0),
+            json!(6),
+            json!(-1),
+            json!(1e30),
+            json!("x"),
+            json!(2.5),
+        ] {
             assert!(Quantity::parse(Some(&bad), 5).is_err(), "{bad}");
         }
     }
@@ -209,7 +216,13 @@ mod tests {
         let no = OrderNo::generate(activity);
         assert_eq!(no.activity(), activity);
         assert_eq!(OrderNo::parse(no.as_str()).unwrap(), no);
-        for bad in ["", "42", "42-xyz", "0-0123456789abcdef0123456789abcdef", "a-b"] {
+        for bad in [
+            "",
+            "42",
+            "42-xyz",
+            "0-0123456789abcdef0123456789abcdef",
+            "a-b",
+        ] {
             assert!(OrderNo::parse(bad).is_err(), "{bad}");
         }
     }

@@ -139,7 +139,9 @@ impl From<JsonRejection> for ApiError {
             _ => ErrorCode::MalformedJson,
         };
         let message = match code {
-            ErrorCode::UnsupportedMediaType => "expected a body with content-type application/json".into(),
+            ErrorCode::UnsupportedMediaType => {
+                "expected a body with content-type application/json".into()
+            }
             ErrorCode::PayloadTooLarge => "the body is larger than allowed".into(),
             _ => rejection.body_text(),
         };
@@ -161,6 +163,27 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
         Ok(Json(value))
+    }
+}
+
+/// A JSON body that must be an object, deserialized into `T` by field name. serde would
+/// otherwise also accept an array and fill the fields by position (`[1, 2, 3]`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonObject<T>(pub T);
+
+impl<T, S> FromRequest<S> for JsonObject<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(object) =
+            Json::<serde_json::Map<String, serde_json::Value>>::from_request(req, state).await?;
+        serde_json::from_value(serde_json::Value::Object(object))
+            .map(JsonObject)
+            .map_err(|e| ApiError::invalid(format!("the body does not fit: {e}")))
     }
 }
 
@@ -194,10 +217,7 @@ mod tests {
         for code in ErrorCode::ALL {
             let s = code.as_str();
             assert!(seen.insert(s), "duplicate code {s}");
-            assert!(
-                s.chars().all(|c| c.is_ascii_uppercase() || c == '_'),
-                "{s}"
-            );
+            assert!(s.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{s}");
             assert!(code.status().is_client_error() || code.status().is_server_error());
         }
     }

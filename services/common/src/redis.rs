@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value};
+use redis::{
+    Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Script, ScriptInvocation, Value,
+};
 use tokio::sync::Semaphore;
 
 use crate::configuration::RedisSettings;
@@ -249,9 +251,10 @@ impl Redis {
         let _permit = self.permit().await?;
         let started = Instant::now();
         let mut conn = self.conn.clone();
-        let result = tokio::time::timeout(self.response_timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| RedisFailure::Timeout)?;
+        let result =
+            tokio::time::timeout(self.response_timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| RedisFailure::Timeout)?;
         metrics::histogram!("flash_sale_redis_script_duration_seconds", "script" => name)
             .record(started.elapsed());
         Ok(result?)
@@ -326,7 +329,10 @@ impl Redis {
         let k = ActivityKeys::new(activity);
         let allowed: String = from.iter().map(|s| s.letter()).collect();
         let mut inv = SCRIPTS.transition.prepare_invoke();
-        inv.key(&k.resv).key(&k.released).arg(allowed).arg(to.letter());
+        inv.key(&k.resv)
+            .key(&k.released)
+            .arg(allowed)
+            .arg(to.letter());
         for no in order_nos {
             inv.arg(no.as_str());
         }
@@ -349,7 +355,10 @@ impl Redis {
     }
 
     /// The reservation record of an order, if Redis still holds one.
-    pub async fn reservation(&self, order_no: &OrderNo) -> Result<Option<Reservation>, RedisFailure> {
+    pub async fn reservation(
+        &self,
+        order_no: &OrderNo,
+    ) -> Result<Option<Reservation>, RedisFailure> {
         let k = ActivityKeys::new(order_no.activity());
         let record: Option<String> = self
             .query(redis::cmd("HGET").arg(&k.resv).arg(order_no.as_str()))
@@ -405,7 +414,14 @@ mod tests {
     #[test]
     fn every_key_of_an_activity_shares_one_hash_tag() {
         let k = ActivityKeys::new(ActivityId::new(42).unwrap());
-        for key in [&k.meta, &k.stock, &k.users, &k.resv, &k.resv_ts, &k.released] {
+        for key in [
+            &k.meta,
+            &k.stock,
+            &k.users,
+            &k.resv,
+            &k.resv_ts,
+            &k.released,
+        ] {
             assert!(key.contains("{act:42}"), "{key}");
             assert_eq!(key.matches('{').count(), 1, "{key}");
         }

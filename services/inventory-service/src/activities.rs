@@ -80,7 +80,10 @@ pub async fn current(db: &MySqlPool) -> Result<Vec<ActivityId>, sqlx::Error> {
     )
     .fetch_all(db)
     .await?;
-    Ok(ids.into_iter().filter_map(|(id,)| ActivityId::new(id)).collect())
+    Ok(ids
+        .into_iter()
+        .filter_map(|(id,)| ActivityId::new(id))
+        .collect())
 }
 
 /// Inserts a new activity. `Ok(false)` if the id is taken.
@@ -142,7 +145,10 @@ pub async fn buyers(db: &MySqlPool, id: ActivityId) -> Result<Vec<i64>, sqlx::Er
 }
 
 /// Which of these order numbers are in MySQL.
-pub async fn existing_orders(db: &MySqlPool, order_nos: &[String]) -> Result<Vec<String>, sqlx::Error> {
+pub async fn existing_orders(
+    db: &MySqlPool,
+    order_nos: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
     if order_nos.is_empty() {
         return Ok(Vec::new());
     }

@@ -134,7 +134,11 @@ pub async fn reconcile(
             }
             match record.as_deref().and_then(Reservation::parse) {
                 Some(r) if r.state == ReservationState::Reserved => {
-                    if redis.release(&order_no, &[ReservationState::Reserved]).await? == 1 {
+                    if redis
+                        .release(&order_no, &[ReservationState::Reserved])
+                        .await?
+                        == 1
+                    {
                         report.released += 1;
                     }
                 }

@@ -39,7 +39,9 @@ pub async fn warm_up(
     let keys = ActivityKeys::new(id);
     let start_ms = activity.start_time.map_or(0, |t| t.timestamp_millis());
     let end_ms = activity.end_time.map_or(-1, |t| t.timestamp_millis());
-    let total = activity.total_stock.unwrap_or(activity.stock + activity.ordered);
+    let total = activity
+        .total_stock
+        .unwrap_or(activity.stock + activity.ordered);
 
     // Buyers are only needed to rebuild an activity Redis lost; skip the query when it is there.
     let present: bool = redis.query(redis::cmd("EXISTS").arg(&keys.meta)).await?;

@@ -125,7 +125,8 @@ impl OrderConsumer {
                 return Some(decode(Vec::new()));
             }
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.settings.batch_linger_ms);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.settings.batch_linger_ms);
         while messages.len() < self.settings.batch_size {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Ok(Ok(m)) => messages.push(m.detach()),
@@ -169,7 +170,10 @@ impl OrderConsumer {
         let mut seen = HashSet::new();
         for event in &batch.events {
             if seen.insert(&event.order_no) {
-                by_activity.entry(event.activity_id).or_default().push(event);
+                by_activity
+                    .entry(event.activity_id)
+                    .or_default()
+                    .push(event);
             } else {
                 report.duplicate += 1;
             }
@@ -177,7 +181,11 @@ impl OrderConsumer {
         let mut claimed = Vec::new();
         for (activity, events) in &by_activity {
             let nos: Vec<&OrderNo> = events.iter().map(|e| &e.order_no).collect();
-            let from = [ReservationState::Reserved, ReservationState::Acked, ReservationState::Claimed];
+            let from = [
+                ReservationState::Reserved,
+                ReservationState::Acked,
+                ReservationState::Claimed,
+            ];
             let codes = self
                 .redis
                 .transition(*activity, &nos, &from, ReservationState::Claimed)
@@ -261,7 +269,11 @@ fn decode(messages: Vec<OwnedMessage>) -> Batch {
         match m.payload().map(serde_json::from_slice::<OrderEvent>) {
             Some(Ok(event)) => batch.events.push(event),
             _ => {
-                tracing::error!(partition = m.partition(), offset = m.offset(), "malformed order message skipped");
+                tracing::error!(
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "malformed order message skipped"
+                );
                 batch.malformed += 1;
             }
         }
@@ -288,9 +300,8 @@ async fn write_orders(db: &MySqlPool, events: &[&OrderEvent]) -> anyhow::Result<
     }
     let mut tx = db.begin().await?;
 
-    let mut q = QueryBuilder::new(
-        "SELECT order_no, activity_id, user_id FROM orders WHERE order_no IN (",
-    );
+    let mut q =
+        QueryBuilder::new("SELECT order_no, activity_id, user_id FROM orders WHERE order_no IN (");
     let mut sep = q.separated(", ");
     for e in events {
         sep.push_bind(e.order_no.as_str());
@@ -352,7 +363,10 @@ async fn write_orders(db: &MySqlPool, events: &[&OrderEvent]) -> anyhow::Result<
                 .push_bind(e.activity_id.get())
                 .push_bind(e.quantity.get())
                 .push_bind(0_i8)
-                .push_bind(chrono::DateTime::from_timestamp_millis(e.reserved_at_ms).map(|t| t.naive_utc()));
+                .push_bind(
+                    chrono::DateTime::from_timestamp_millis(e.reserved_at_ms)
+                        .map(|t| t.naive_utc()),
+                );
         });
         insert.build().execute(&mut *tx).await?;
         written

@@ -22,7 +22,8 @@ impl SoldOut {
 
     pub fn is_sold_out(&self, activity: ActivityId) -> bool {
         let map = self.until.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&activity).is_some_and(|until| Instant::now() < *until)
+        map.get(&activity)
+            .is_some_and(|until| Instant::now() < *until)
     }
 
     pub fn mark(&self, activity: ActivityId) {
@@ -44,6 +45,9 @@ mod tests {
         assert!(cache.is_sold_out(a));
         assert!(!cache.is_sold_out(ActivityId::new(2).unwrap()));
         std::thread::sleep(Duration::from_millis(40));
-        assert!(!cache.is_sold_out(a), "the mark expires so restocked stock sells again");
+        assert!(
+            !cache.is_sold_out(a),
+            "the mark expires so restocked stock sells again"
+        );
     }
 }

@@ -21,9 +21,11 @@ pub fn local(port: u16) -> ListenerSettings {
 
 /// order-service settings pointing at `stack`, on free ports.
 pub fn order_settings(stack: &Stack) -> order_service::Settings {
-    let mut s = order_service::Settings::default();
-    s.server = local(0);
-    s.management = local(0);
+    let mut s = order_service::Settings {
+        server: local(0),
+        management: local(0),
+        ..Default::default()
+    };
     s.redis.url = stack.redis_url();
     s.database.url = Secret::new(stack.database_url());
     s.kafka.brokers = stack.brokers();
@@ -37,9 +39,11 @@ pub fn order_settings(stack: &Stack) -> order_service::Settings {
 /// inventory-service settings pointing at `stack`, on free ports, with the schedules off (tests
 /// drive the jobs through the API).
 pub fn inventory_settings(stack: &Stack) -> inventory_service::Settings {
-    let mut s = inventory_service::Settings::default();
-    s.server = local(0);
-    s.management = local(0);
+    let mut s = inventory_service::Settings {
+        server: local(0),
+        management: local(0),
+        ..Default::default()
+    };
     s.redis.url = stack.redis_url();
     s.database.url = Secret::new(stack.database_url());
     s.inventory.admin_token = Secret::new(ADMIN_TOKEN);
@@ -118,8 +122,20 @@ pub struct TestApps {
     pub stack: Stack,
 }
 
+/// Routes the services' logs into the test harness' captured output (shown for failing tests);
+/// `RUST_LOG` picks the level, `warn` by default.
+pub fn init_test_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 impl TestApps {
     pub async fn spawn(stack: Stack) -> anyhow::Result<Self> {
+        init_test_tracing();
         let order = spawn_order_service(order_settings(&stack)).await?;
         let inventory = spawn_inventory_service(inventory_settings(&stack)).await?;
         Ok(Self {

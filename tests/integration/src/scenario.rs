@@ -32,7 +32,12 @@ impl Admin {
     }
 
     /// Calls the admin API; a non-2xx answer is an error carrying the body.
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -40,7 +45,10 @@ impl Admin {
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let res = req.send().await.with_context(|| format!("calling {path}"))?;
+        let res = req
+            .send()
+            .await
+            .with_context(|| format!("calling {path}"))?;
         let status = res.status();
         let body: Value = res.json().await.unwrap_or(Value::Null);
         ensure!(status.is_success(), "{path} answered {status}: {body}");
@@ -60,8 +68,12 @@ impl Admin {
     }
 
     pub async fn activity(&self, id: i64) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::GET, &format!("/api/inventory/activities/{id}"), None)
-            .await
+        self.call(
+            reqwest::Method::GET,
+            &format!("/api/inventory/activities/{id}"),
+            None,
+        )
+        .await
     }
 
     pub async fn reconcile(&self) -> anyhow::Result<Value> {
@@ -162,7 +174,11 @@ impl fmt::Display for LoadReport {
             writeln!(f, "  {outcome:<32} {n:>8}")?;
         }
         if self.transport_errors > 0 {
-            writeln!(f, "  {:<32} {:>8}", "no answer (transport error)", self.transport_errors)?;
+            writeln!(
+                f,
+                "  {:<32} {:>8}",
+                "no answer (transport error)", self.transport_errors
+            )?;
         }
         Ok(())
     }
@@ -171,7 +187,10 @@ impl fmt::Display for LoadReport {
 /// Sends `config.requests` create-order requests to `buy_url` (order-service or gateway base URL)
 /// from `config.concurrency` workers.
 pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConfig) -> LoadReport {
-    let url = format!("{}/api/flash-sale/order/create", buy_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/api/flash-sale/order/create",
+        buy_url.trim_end_matches('/')
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -250,7 +269,9 @@ pub struct Stores {
 
 impl Stores {
     pub async fn connect(database_url: &str, redis_url: &str) -> anyhow::Result<Self> {
-        let db = MySqlPool::connect(database_url).await.context("connecting to MySQL")?;
+        let db = MySqlPool::connect(database_url)
+            .await
+            .context("connecting to MySQL")?;
         let redis = redis::Client::open(redis_url)?
             .get_multiplexed_async_connection()
             .await
@@ -285,7 +306,11 @@ impl Stores {
     }
 
     /// Waits until every reservation is settled into MySQL (the queue has drained).
-    pub async fn wait_for_drain(&self, activity: i64, timeout: Duration) -> anyhow::Result<Duration> {
+    pub async fn wait_for_drain(
+        &self,
+        activity: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
         let started = Instant::now();
         loop {
             if self.pending(activity).await? == 0 {
@@ -330,7 +355,10 @@ impl Stores {
             orders: rows.len(),
             accepted: accepted.len(),
             missing,
-            unanswered_orders: in_mysql.iter().filter(|no| !accepted_set.contains(**no)).count(),
+            unanswered_orders: in_mysql
+                .iter()
+                .filter(|no| !accepted_set.contains(**no))
+                .count(),
             duplicate_users: rows.len() - users.len(),
             redis_stock,
             pending: self.pending(activity).await?,

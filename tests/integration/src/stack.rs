@@ -115,7 +115,10 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> anyhow
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    bail!("{what} did not listen on 127.0.0.1:{port} within 30 s (log: {})", log.display())
+    bail!(
+        "{what} did not listen on 127.0.0.1:{port} within 30 s (log: {})",
+        log.display()
+    )
 }
 
 fn spawn_logged(mut cmd: Command, dir: &Path, name: &str, detached: bool) -> anyhow::Result<Child> {
@@ -200,7 +203,9 @@ impl Stack {
                 std::fs::create_dir_all(root)?;
                 tempfile::Builder::new().prefix("stack-").tempdir_in(root)?
             }
-            None => tempfile::Builder::new().prefix("flash-sale-stack-").tempdir()?,
+            None => tempfile::Builder::new()
+                .prefix("flash-sale-stack-")
+                .tempdir()?,
         }
         .keep();
         let password: String = format!("pw{:016x}", rand_u64());
@@ -260,11 +265,23 @@ impl Stack {
         let port = free_port()?;
         let mut cmd = Command::new(program("redis-server")?);
         cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ])
             .arg("--dir")
             .arg(&self.info.dir);
         let mut child = spawn_logged(cmd, &self.info.dir, "redis", self.detached)?;
-        wait_for_port(port, &mut child, "redis-server", &self.info.dir.join("redis.log"))?;
+        wait_for_port(
+            port,
+            &mut child,
+            "redis-server",
+            &self.info.dir.join("redis.log"),
+        )?;
         self.info.redis_port = port;
         self.redis = Some(child);
         Ok(())
@@ -277,8 +294,14 @@ impl Stack {
         let mut cmd = Command::new(program("mariadbd")?);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--socket={}", self.info.dir.join("mysql.sock").display()))
-            .arg(format!("--pid-file={}", self.info.dir.join("mysql.pid").display()))
+            .arg(format!(
+                "--socket={}",
+                self.info.dir.join("mysql.sock").display()
+            ))
+            .arg(format!(
+                "--pid-file={}",
+                self.info.dir.join("mysql.pid").display()
+            ))
             .arg(format!("--port={port}"))
             .args([
                 "--bind-address=127.0.0.1",
@@ -289,15 +312,23 @@ impl Stack {
                 "--max-connections=500",
             ]);
         let mut child = spawn_logged(cmd, &self.info.dir, "mysql", self.detached)?;
-        wait_for_port(port, &mut child, "mariadbd", &self.info.dir.join("mysql.log"))?;
+        wait_for_port(
+            port,
+            &mut child,
+            "mariadbd",
+            &self.info.dir.join("mysql.log"),
+        )?;
         self.info.mysql_port = port;
         self.mysql = Some(child);
 
         // The application database and user, then the schema.
         let root = format!("mysql://root@127.0.0.1:{port}/mysql");
-        let pool = sqlx::MySqlPool::connect(&root).await.context("connecting as root")?;
+        let pool = sqlx::MySqlPool::connect(&root)
+            .await
+            .context("connecting as root")?;
         for statement in [
-            "CREATE DATABASE flash_sale CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci".to_owned(),
+            "CREATE DATABASE flash_sale CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                .to_owned(),
             format!(
                 "CREATE USER 'flash_sale'@'127.0.0.1' IDENTIFIED BY '{}'",
                 self.info.mysql_password
@@ -331,7 +362,13 @@ impl Stack {
         };
         let mut cmd = Command::new(program("tansu")?);
         cmd.current_dir(&self.info.dir)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", storage])
             .env("RUST_LOG", "warn");
         let mut child = spawn_logged(cmd, &self.info.dir, "broker", self.detached)?;

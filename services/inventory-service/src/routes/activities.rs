@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use flash_sale_common::domain::ActivityId;
-use flash_sale_common::error::{ApiError, ErrorCode, Json};
+use flash_sale_common::error::{ApiError, ErrorCode, Json, JsonObject};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -66,7 +66,11 @@ fn parse_stock(field: &'static str, raw: Option<&Value>, min: i64) -> Result<i64
         _ => None,
     })
     .filter(|n| (min..=MAX_STOCK).contains(n))
-    .ok_or_else(|| ApiError::invalid(format!("{field} must be an integer from {min} to {MAX_STOCK}")))
+    .ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{field} must be an integer from {min} to {MAX_STOCK}"
+        ))
+    })
 }
 
 fn path_id(raw: &str) -> Result<ActivityId, ApiError> {
@@ -74,12 +78,17 @@ fn path_id(raw: &str) -> Result<ActivityId, ApiError> {
 }
 
 async fn view(state: &AppState, activity: Activity) -> ActivityView {
-    let redis = state.redis.snapshot(activity.id).await.ok().map(|s| RedisView {
-        warmed: s.warmed,
-        stock: s.stock,
-        pending_reservations: s.pending,
-        pending_quantity: s.pending_quantity,
-    });
+    let redis = state
+        .redis
+        .snapshot(activity.id)
+        .await
+        .ok()
+        .map(|s| RedisView {
+            warmed: s.warmed,
+            stock: s.stock,
+            pending_reservations: s.pending,
+            pending_quantity: s.pending_quantity,
+        });
     ActivityView {
         activity_id: activity.id.to_string(),
         name: activity.name,
@@ -101,7 +110,9 @@ async fn load(state: &AppState, id: ActivityId) -> Result<Activity, ApiError> {
 
 fn warmup_error(error: WarmupError) -> ApiError {
     match error {
-        WarmupError::NotFound(id) => ApiError::new(ErrorCode::ActivityNotFound, format!("no activity {id}")),
+        WarmupError::NotFound(id) => {
+            ApiError::new(ErrorCode::ActivityNotFound, format!("no activity {id}"))
+        }
         WarmupError::Database(e) => ApiError::unavailable("MySQL", e),
         WarmupError::Redis(e) => ApiError::unavailable("Redis", e),
     }
@@ -109,18 +120,21 @@ fn warmup_error(error: WarmupError) -> ApiError {
 
 pub(super) async fn create_activity(
     State(state): State<AppState>,
-    Json(body): Json<CreateActivityRequest>,
+    JsonObject(body): JsonObject<CreateActivityRequest>,
 ) -> Result<(StatusCode, Json<ActivityView>), ApiError> {
     let id = ActivityId::parse(body.activity_id.as_ref())?;
     let stock = parse_stock("stock", body.stock.as_ref(), 0)?;
-    let name = body.name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
+    let name = body
+        .name
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
     if name.as_ref().is_some_and(|n| n.chars().count() > 128) {
         return Err(ApiError::invalid("name must be at most 128 characters"));
     }
-    if let (Some(start), Some(end)) = (body.start_time, body.end_time) {
-        if end <= start {
-            return Err(ApiError::invalid("endTime must be after startTime"));
-        }
+    if let (Some(start), Some(end)) = (body.start_time, body.end_time)
+        && end <= start
+    {
+        return Err(ApiError::invalid("endTime must be after startTime"));
     }
     let new = NewActivity {
         id,
@@ -216,7 +230,7 @@ pub(super) async fn warm_up_all(
 pub(super) async fn restock_activity(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-    Json(body): Json<RestockRequest>,
+    JsonObject(body): JsonObject<RestockRequest>,
 ) -> Result<Json<ActivityView>, ApiError> {
     let id = path_id(&raw)?;
     let quantity = parse_stock("quantity", body.quantity.as_ref(), 1)?;
@@ -228,7 +242,10 @@ pub(super) async fn restock_activity(
         .await
         .map_err(|e| ApiError::unavailable("MySQL", e))?
     {
-        return Err(ApiError::new(ErrorCode::ActivityNotFound, format!("no activity {id}")));
+        return Err(ApiError::new(
+            ErrorCode::ActivityNotFound,
+            format!("no activity {id}"),
+        ));
     }
     // MySQL is the book of record; if Redis misses this, the reconciler repairs the drift.
     if let Err(error) = state.redis.adjust(id, quantity, quantity).await {

@@ -8,7 +8,11 @@ use flash_sale_common::error::{ApiError, ErrorCode};
 
 use crate::startup::AppState;
 
-pub(super) async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(super) async fn require_admin(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let expected = state.settings.admin_token.expose();
     let presented = req
         .headers()
@@ -16,10 +20,14 @@ pub(super) async fn require_admin(State(state): State<AppState>, req: Request, n
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(token) if !expected.is_empty() && constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+        Some(token)
+            if !expected.is_empty() && constant_time_eq(token.as_bytes(), expected.as_bytes()) =>
+        {
             next.run(req).await
         }
-        Some(_) => ApiError::new(ErrorCode::Forbidden, "the admin token is not valid").into_response(),
+        Some(_) => {
+            ApiError::new(ErrorCode::Forbidden, "the admin token is not valid").into_response()
+        }
         None => ApiError::new(
             ErrorCode::Unauthorized,
             "the admin API needs an Authorization: Bearer <token> header",

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 
 use crate::startup::AppState;
 
-pub use activities::{ActivityView, CreateActivityRequest, RedisView};
+pub use activities::{ActivityView, CreateActivityRequest, RedisView, RestockRequest, WarmupView};
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.body_limit_bytes;
@@ -17,7 +17,10 @@ pub fn router(state: AppState) -> Router {
             "/api/inventory/activities",
             post(activities::create_activity).get(activities::list_activities),
         )
-        .route("/api/inventory/activities/{id}", get(activities::get_activity))
+        .route(
+            "/api/inventory/activities/{id}",
+            get(activities::get_activity),
+        )
         .route(
             "/api/inventory/activities/{id}/warmup",
             post(activities::warm_up_activity),

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flash_sale_common::domain::{ActivityId, OrderEvent, OrderNo, Quantity, UserId};
-use flash_sale_common::error::{ApiError, ErrorCode, Json};
+use flash_sale_common::error::{ApiError, ErrorCode, Json, JsonObject};
 use flash_sale_common::redis::{RedisFailure, ReservationState, ReserveOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,7 +43,7 @@ struct Decision {
 pub(super) async fn create_order(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Json(body): Json<CreateOrderRequest>,
+    JsonObject(body): JsonObject<CreateOrderRequest>,
 ) -> Response {
     let started = Instant::now();
     let decision = decide(&state, &headers, &body).await;
@@ -110,13 +110,13 @@ fn parse(
                 .to_str()
                 .map_err(|_| ApiError::invalid("x-user-id must be a positive integer"))?
                 .parse()?;
-            if let Some(claimed) = body.user_id.as_ref().filter(|v| !is_placeholder(v)) {
-                if UserId::parse(Some(claimed)).ok() != Some(trusted) {
-                    return Err(ApiError::new(
-                        ErrorCode::Forbidden,
-                        "userId does not match the authenticated user",
-                    ));
-                }
+            if let Some(claimed) = body.user_id.as_ref().filter(|v| !is_placeholder(v))
+                && UserId::parse(Some(claimed)).ok() != Some(trusted)
+            {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    "userId does not match the authenticated user",
+                ));
             }
             trusted
         }
@@ -148,7 +148,11 @@ async fn buy(
     }
 
     let order_no = OrderNo::generate(activity);
-    let reserved_at_ms = match state.redis.reserve(activity, user, quantity, &order_no).await {
+    let reserved_at_ms = match state
+        .redis
+        .reserve(activity, user, quantity, &order_no)
+        .await
+    {
         Ok(ReserveOutcome::Reserved { .. }) => chrono::Utc::now().timestamp_millis(),
         Ok(ReserveOutcome::SoldOut { stock_left }) => {
             if stock_left <= 0 {
@@ -195,7 +199,10 @@ async fn buy(
         Err(RedisFailure::Busy) => {
             return (
                 "overloaded",
-                Err(ApiError::new(ErrorCode::Overloaded, "too many requests in flight").retry_after(1)),
+                Err(
+                    ApiError::new(ErrorCode::Overloaded, "too many requests in flight")
+                        .retry_after(1),
+                ),
             );
         }
         Err(error) => return ("unavailable", Err(ApiError::unavailable("Redis", error))),
@@ -229,7 +236,7 @@ async fn buy(
             .await
         {
             // Moved to Acked, or the consumer was faster and already claimed or settled it.
-            Ok(codes) if matches!(codes.first(), Some(1 | -1 | 0)) => {
+            Ok(codes) if matches!(codes.first(), Some(-1..=1)) => {
                 return ("accepted", Ok(order_no));
             }
             Ok(_) => break, // released: the consumer will skip the message
@@ -243,7 +250,9 @@ async fn buy(
         "unconfirmed",
         Err(ApiError::new(
             ErrorCode::ServiceUnavailable,
-            format!("the order {order_no} could not be confirmed; query its status before retrying"),
+            format!(
+                "the order {order_no} could not be confirmed; query its status before retrying"
+            ),
         )
         .retry_after(1)),
     )

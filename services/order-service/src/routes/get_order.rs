@@ -50,16 +50,19 @@ pub(super) async fn get_order(
         None => from_mysql(&state, &order_no).await?,
     };
     // Behind the gateway, a buyer sees only their own orders.
-    if let Some(user) = headers.get(USER_HEADER).and_then(|v| v.to_str().ok()) {
-        if user.parse::<UserId>().ok().map(|u| u.to_string()) != Some(view.user_id.clone()) {
-            return Err(not_found(&order_no));
-        }
+    if let Some(user) = headers.get(USER_HEADER).and_then(|v| v.to_str().ok())
+        && user.parse::<UserId>().ok().map(|u| u.to_string()) != Some(view.user_id.clone())
+    {
+        return Err(not_found(&order_no));
     }
     Ok(Json(view))
 }
 
+/// user_id, activity_id, quantity, reserved_at, create_time
+type OrderRow = (i64, i64, i32, Option<NaiveDateTime>, Option<NaiveDateTime>);
+
 async fn from_mysql(state: &AppState, order_no: &OrderNo) -> Result<OrderView, ApiError> {
-    let row: Option<(i64, i64, i32, Option<NaiveDateTime>, Option<NaiveDateTime>)> = sqlx::query_as(
+    let row: Option<OrderRow> = sqlx::query_as(
         "SELECT user_id, activity_id, quantity, reserved_at, create_time FROM orders WHERE order_no = ?",
     )
     .bind(order_no.as_str())

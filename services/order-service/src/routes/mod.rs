@@ -18,8 +18,14 @@ pub const USER_HEADER: &str = "x-user-id";
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.body_limit_bytes;
     let routes = Router::new()
-        .route("/api/flash-sale/order/create", post(create_order::create_order))
-        .route("/api/flash-sale/order/{order_no}", get(get_order::get_order))
+        .route(
+            "/api/flash-sale/order/create",
+            post(create_order::create_order),
+        )
+        .route(
+            "/api/flash-sale/order/{order_no}",
+            get(get_order::get_order),
+        )
         .with_state(state);
     flash_sale_common::http::with_common_layers(routes, body_limit)
 }

@@ -76,7 +76,10 @@ async fn main() -> anyhow::Result<()> {
     let drained = stores
         .wait_for_drain(args.sale.activity, Duration::from_secs(120))
         .await?;
-    println!("queue drained {:.2} s after the load ended", drained.as_secs_f64());
+    println!(
+        "queue drained {:.2} s after the load ended",
+        drained.as_secs_f64()
+    );
     let report = stores
         .check_invariants(args.sale.activity, args.sale.stock, &load.accepted)
         .await?;

@@ -12,17 +12,28 @@ pub(crate) async fn spawn_apps() -> TestApps {
 }
 
 pub(crate) async fn stores(apps: &TestApps) -> Stores {
-    Stores::connect(&apps.stack.database_url(), &apps.stack.redis_url())
+    stack_stores(&apps.stack).await
+}
+
+pub(crate) async fn stack_stores(stack: &Stack) -> Stores {
+    Stores::connect(&stack.database_url(), &stack.redis_url())
         .await
         .expect("the stores answer")
 }
 
 /// POSTs a create-order body (raw text, so malformed bodies can be sent) and returns status and
 /// JSON body.
-pub(crate) async fn create_order_raw(apps: &TestApps, content_type: &str, body: &str) -> (u16, Value) {
+pub(crate) async fn create_order_raw(
+    apps: &TestApps,
+    content_type: &str,
+    body: &str,
+) -> (u16, Value) {
     let res = apps
         .http
-        .post(format!("{}/api/flash-sale/order/create", apps.order.base_url))
+        .post(format!(
+            "{}/api/flash-sale/order/create",
+            apps.order.base_url
+        ))
         .header("content-type", content_type)
         .body(body.to_owned())
         .send()

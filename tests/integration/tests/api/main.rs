@@ -1,0 +1,10 @@
+//! Black-box tests of the buy path through real Redis, MariaDB and a Kafka-protocol broker,
+//! each private to the test and torn down after it.
+
+mod api_answers;
+mod bad_input;
+mod failures;
+mod helpers;
+mod hey;
+mod inventory;
+mod sale;

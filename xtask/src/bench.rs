@@ -1,0 +1,223 @@
+//! `cargo xtask bench`: order-service's paths measured against a baseline taken in the same run
+//! on the same machine: a bare axum handler that parses the same body and makes one Redis Lua
+//! call through one multiplexed connection (the issue's reference point). Load comes from `wrk`
+//! (a separate process, 2 threads), on 127.0.0.1 only, for a bounded time.
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::routing::post;
+use flash_sale_tests::apps::http_client;
+use flash_sale_tests::scenario::Admin;
+use flash_sale_tests::stack::{BrokerStorage, Stack};
+
+use crate::services::{self, LOCAL_ADMIN_TOKEN};
+
+/// One measured run.
+struct Run {
+    name: &'static str,
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    non_2xx_3xx: u64,
+}
+
+struct Options {
+    seconds: u64,
+    connections: u64,
+}
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut o = Options {
+        seconds: 10,
+        connections: 1000,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--seconds" => o.seconds = value()?.parse()?,
+            "--connections" => o.connections = value()?.parse()?,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    crate::setup::run()?;
+    services::build()?;
+    tokio::runtime::Runtime::new()?.block_on(bench(o))
+}
+
+async fn bench(o: Options) -> anyhow::Result<()> {
+    let root = services::workspace_root().join("target/flash-sale");
+    let stack = Stack::start_in(BrokerStorage::Memory, Some(&root), false).await?;
+    let info = stack.info().clone();
+    let script = root.join("order.lua");
+    std::fs::write(&script, WRK_SCRIPT)?;
+    let mut runs = Vec::new();
+
+    // Baseline: a bare axum handler, one Lua call per request, one multiplexed connection.
+    let baseline = spawn_baseline(&info.redis_url()).await?;
+    runs.push(wrk(
+        &o,
+        "baseline: bare axum + 1 Lua call",
+        &baseline,
+        &script,
+        "1",
+    )?);
+
+    // order-service with sold-out detection per request in Redis (short-circuit off).
+    let mut children: Vec<Child> = Vec::new();
+    let (child, inventory) = services::start("inventory-service", &info, false)?;
+    children.push(child);
+    let admin = Admin::new(http_client(), &inventory.url(), LOCAL_ADMIN_TOKEN);
+    admin.create_activity(1, 0).await?; // sold out from the start
+    admin.create_activity(2, 10_000_000).await?; // never sells out within a run
+    let no_short_circuit = [("FLASH_SALE_ORDER__SOLD_OUT_TTL_MS", "0".to_owned())];
+    let (mut child, order) =
+        services::start_with("order-service", &info, false, &no_short_circuit)?;
+    runs.push(wrk(
+        &o,
+        "order-service: sold out, asking Redis",
+        &order.url(),
+        &script,
+        "1",
+    )?);
+    services::stop(&mut child);
+
+    let (child, order) = services::start("order-service", &info, false)?;
+    children.push(child);
+    runs.push(wrk(
+        &o,
+        "order-service: sold out, short-circuit",
+        &order.url(),
+        &script,
+        "1",
+    )?);
+    runs.push(wrk(
+        &o,
+        "order-service: accepted (reserve + publish + ack)",
+        &order.url(),
+        &script,
+        "2",
+    )?);
+
+    for child in &mut children {
+        services::stop(child);
+    }
+    drop(stack);
+
+    let base = runs[0].requests_per_sec;
+    println!(
+        "\n{} s per run, {} connections, wrk -t2, everything on this machine\n",
+        o.seconds, o.connections
+    );
+    println!("| run | requests/s | ratio to baseline | p50 ms | p99 ms | non-2xx/3xx |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &runs {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            r.name,
+            r.requests_per_sec,
+            r.requests_per_sec / base,
+            r.p50_ms,
+            r.p99_ms,
+            r.non_2xx_3xx
+        );
+    }
+    Ok(())
+}
+
+/// wrk's request generator: the seed's body with a random user per request.
+const WRK_SCRIPT: &str = r#"
+local activity = os.getenv("ACTIVITY") or "1"
+request = function()
+  local body = string.format('{"userId":"%d","activityId":"%s","quantity":1}', math.random(1, 2147483647), activity)
+  return wrk.format("POST", "/api/flash-sale/order/create", {["Content-Type"] = "application/json"}, body)
+end
+"#;
+
+fn wrk(
+    o: &Options,
+    name: &'static str,
+    base_url: &str,
+    script: &std::path::Path,
+    activity: &str,
+) -> anyhow::Result<Run> {
+    println!("running: {name}");
+    let out = Command::new("wrk")
+        .args(["-t2", "--latency", "--timeout", "5s"])
+        .arg(format!("-c{}", o.connections))
+        .arg(format!("-d{}s", o.seconds))
+        .arg("-s")
+        .arg(script)
+        .arg(base_url)
+        .env("ACTIVITY", activity)
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let number_after = |key: &str| -> Option<String> {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(key.split_whitespace().count())
+                    .map(str::to_owned)
+            })
+    };
+    let rps: f64 = number_after("Requests/sec:")
+        .with_context(|| format!("wrk printed no Requests/sec:\n{text}"))?
+        .parse()?;
+    let ms = |v: Option<String>| v.map_or(0.0, |s| parse_duration_ms(&s));
+    let non_ok = number_after("Non-2xx or 3xx responses:").map_or(0, |s| s.parse().unwrap_or(0));
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(Run {
+        name,
+        requests_per_sec: rps,
+        p50_ms: ms(number_after("50%")),
+        p99_ms: ms(number_after("99%")),
+        non_2xx_3xx: non_ok,
+    })
+}
+
+fn parse_duration_ms(s: &str) -> f64 {
+    let (num, factor) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        (s, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(0.0) * factor
+}
+
+/// The baseline server, in this process: parse the JSON body, one EVALSHA, answer 409.
+async fn spawn_baseline(redis_url: &str) -> anyhow::Result<String> {
+    let client = redis::Client::open(redis_url)?;
+    let conn = client.get_multiplexed_async_connection().await?;
+    let script = redis::Script::new("return redis.call('EXISTS', KEYS[1])");
+    let app = Router::new().route(
+        "/api/flash-sale/order/create",
+        post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let mut conn = conn.clone();
+            let script = script.clone();
+            async move {
+                let key = format!(
+                    "fs:{{act:{}}}:meta",
+                    body["activityId"].as_str().unwrap_or("0")
+                );
+                let n: i64 = script.key(key).invoke_async(&mut conn).await.unwrap_or(-1);
+                (
+                    axum::http::StatusCode::CONFLICT,
+                    axum::Json(serde_json::json!({"code": "SOLD_OUT", "message": n.to_string()})),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
+}
