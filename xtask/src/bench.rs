@@ -101,6 +101,20 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         &script,
         "2",
     )?);
+    // What the answers of the runs on this instance were, as order-service counted them.
+    let metrics = http_client()
+        .get(format!("{}/metrics", order.management_url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    println!("order-service outcomes (both runs on this instance):");
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("flash_sale_orders_total")
+            || l.starts_with("flash_sale_kafka_producer_resets_total")
+    }) {
+        println!("  {line}");
+    }
 
     for child in &mut children {
         services::stop(child);
@@ -128,11 +142,20 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// wrk's request generator: the seed's body with a random user per request.
+/// wrk's request generator: the seed's body with a new user per request.
 const WRK_SCRIPT: &str = r#"
+-- Every wrk thread runs its own copy of this script with the same random seed, so users are
+-- numbered per thread instead of drawn at random: no two requests share a user.
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
 local activity = os.getenv("ACTIVITY") or "1"
+local counter = 0
 request = function()
-  local body = string.format('{"userId":"%d","activityId":"%s","quantity":1}', math.random(1, 2147483647), activity)
+  counter = counter + 1
+  local body = string.format('{"userId":"%d","activityId":"%s","quantity":1}', tid * 1000000000 + counter, activity)
   return wrk.format("POST", "/api/flash-sale/order/create", {["Content-Type"] = "application/json"}, body)
 end
 "#;

@@ -32,10 +32,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
     }
     if find_program("tansu").is_none() {
         println!("setup: installing the tansu broker from crates.io (a few minutes, once)");
-        sh(
-            &[],
-            "cargo",
-            &[
+        let status = Command::new("cargo")
+            .args([
                 "install",
                 "tansu",
                 "--version",
@@ -43,8 +41,12 @@ pub(crate) fn run() -> anyhow::Result<()> {
                 "--locked",
                 "--features",
                 "dynostore,libsql",
-            ],
-        )?;
+            ])
+            .status()
+            .context("running cargo install")?;
+        if !status.success() {
+            bail!("cargo install tansu failed with {status}");
+        }
     }
     for (program, package) in APT {
         if find_program(program).is_none() {
