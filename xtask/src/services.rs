@@ -13,6 +13,29 @@ pub(crate) const LOCAL_ADMIN_TOKEN: &str = "local-admin-token";
 
 pub(crate) const SERVICES: &[&str] = &["order-service", "inventory-service"];
 
+/// Everything `build` compiles: the services and the gateway in front of them.
+const BINARIES: &[&str] = &["order-service", "inventory-service", "gateway"];
+
+/// The gateway's token key on a local stack (local only; never a production value).
+pub(crate) const LOCAL_JWT_SECRET: &str = "local-only-hs256-secret-32-bytes-long";
+
+/// Starts the gateway in front of `order` and `inventory`, trusting the body's userId (the
+/// development mode the seed's `hey` command needs) while still verifying tokens that are sent.
+pub(crate) fn start_gateway(
+    stack: &StackInfo,
+    order: &ServiceInfo,
+    inventory: &ServiceInfo,
+    detached: bool,
+) -> anyhow::Result<(Child, ServiceInfo)> {
+    let env = [
+        ("FLASH_SALE_UPSTREAMS__ORDER_SERVICE", order.url()),
+        ("FLASH_SALE_UPSTREAMS__INVENTORY_SERVICE", inventory.url()),
+        ("FLASH_SALE_AUTH__HS256_SECRET", LOCAL_JWT_SECRET.to_owned()),
+        ("FLASH_SALE_AUTH__TRUST_BODY_USER_ID", "true".to_owned()),
+    ];
+    start_with("gateway", stack, detached, &env)
+}
+
 /// Where a running service listens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ServiceInfo {
@@ -52,7 +75,7 @@ pub(crate) fn build() -> anyhow::Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root())
         .args(["build", "--release", "--quiet"]);
-    for s in SERVICES {
+    for s in BINARIES {
         cmd.args(["-p", s]);
     }
     let status = cmd.status().context("running cargo build")?;

@@ -43,6 +43,10 @@ pub(crate) fn up(args: &[String]) -> anyhow::Result<()> {
         children.push(child);
         infos.push(info);
     }
+    let (child, gateway) =
+        services::start_gateway(stack.info(), &infos[0], &infos[1], !foreground)?;
+    children.push(child);
+    infos.push(gateway);
     let running = Running {
         stack: stack.info().clone(),
         services: infos,
@@ -82,10 +86,15 @@ fn print_running(r: &Running) {
     println!("  {:<18} {}", "mysql", s.database_url());
     println!("  {:<18} {}", "kafka broker", s.brokers());
     println!("  {:<18} {}", "admin token", LOCAL_ADMIN_TOKEN);
+    println!(
+        "  {:<18} {} (HS256; the gateway also trusts the body's userId locally)",
+        "gateway JWT key",
+        services::LOCAL_JWT_SECRET
+    );
     println!("  {:<18} {}", "files and logs", s.dir.display());
     let inv = &r.services[1];
-    let ord = &r.services[0];
-    println!("\ntry it:");
+    let ord = r.services.get(2).unwrap_or(&r.services[0]);
+    println!("\ntry it (the buy goes through the gateway, the last URL above):");
     println!(
         "  curl -s -X POST {}/api/inventory/activities -H 'Authorization: Bearer {LOCAL_ADMIN_TOKEN}' \\\n    -H 'Content-Type: application/json' -d '{{\"activityId\":\"1\",\"name\":\"demo\",\"stock\":100}}'",
         inv.url()

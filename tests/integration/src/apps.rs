@@ -53,6 +53,42 @@ pub fn inventory_settings(stack: &Stack) -> inventory_service::Settings {
     s
 }
 
+/// The HS256 key the test gateway verifies tokens with.
+pub const JWT_SECRET: &str = "test-secret-of-at-least-32-bytes-length";
+
+/// gateway settings in front of running order and inventory services, on free ports, using
+/// `stack`'s Redis for the cluster-wide bucket.
+pub fn gateway_settings(
+    stack: &Stack,
+    order: &RunningApp,
+    inventory: &RunningApp,
+) -> gateway::Settings {
+    let mut s = gateway::Settings {
+        server: local(0),
+        management: local(0),
+        ..Default::default()
+    };
+    s.upstreams.order_service = order.base_url.clone();
+    s.upstreams.inventory_service = inventory.base_url.clone();
+    s.redis.url = stack.redis_url();
+    s.auth.hs256_secret = Secret::new(JWT_SECRET);
+    s.telemetry.log_format = LogFormat::Pretty;
+    s
+}
+
+pub async fn spawn_gateway(settings: gateway::Settings) -> anyhow::Result<RunningApp> {
+    let app = gateway::Application::build(settings).await?;
+    let (port, mgmt) = (app.port(), app.management_port());
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
+    Ok(RunningApp {
+        base_url: format!("http://127.0.0.1:{port}"),
+        management_url: format!("http://127.0.0.1:{mgmt}"),
+        token,
+        handle: Some(handle),
+    })
+}
+
 /// One running service.
 pub struct RunningApp {
     pub base_url: String,

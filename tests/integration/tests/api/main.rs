@@ -4,6 +4,7 @@
 mod api_answers;
 mod bad_input;
 mod failures;
+mod gateway;
 mod helpers;
 mod hey;
 mod inventory;

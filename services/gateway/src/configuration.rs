@@ -1,0 +1,237 @@
+//! gateway settings: what is fixed for the life of the process (listeners, upstreams, timeouts,
+//! identity, Redis). The flow rules, which change while it runs, live in the rule file
+//! ([`crate::rules`]), named here by `rules.file`.
+
+use flash_sale_common::configuration::{
+    ListenerSettings, RedisSettings, Secret, TelemetrySettings,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// The traffic listener (seed: 8080).
+    pub server: ListenerSettings,
+    /// `/health/*` and `/metrics` (seed: 8081).
+    pub management: ListenerSettings,
+    /// Where order-service and inventory-service listen, and the connection pool to them.
+    pub upstreams: UpstreamSettings,
+    /// Per-route timeouts and whether the route needs a user token.
+    pub routes: RoutesSettings,
+    /// Body limit, client address, resource bounds.
+    pub proxy: ProxySettings,
+    /// How the user token is verified.
+    pub auth: AuthSettings,
+    /// The Redis that holds the cluster-wide token buckets. Its timeouts are short: a slow Redis
+    /// must cost a request at most a few milliseconds before the local share decides instead.
+    pub redis: RedisSettings,
+    /// The cluster bucket's replica counting and Redis retry.
+    pub cluster: ClusterSettings,
+    /// Where the flow rules come from and how often the file is checked.
+    pub rules: RulesSettings,
+    /// Log format and level.
+    pub telemetry: TelemetrySettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            server: ListenerSettings::new(8080),
+            management: ListenerSettings::new(8081),
+            upstreams: UpstreamSettings::default(),
+            routes: RoutesSettings::default(),
+            proxy: ProxySettings::default(),
+            auth: AuthSettings::default(),
+            redis: RedisSettings {
+                max_in_flight: 2048,
+                acquire_timeout_ms: 10,
+                response_timeout_ms: 100,
+                ..RedisSettings::default()
+            },
+            cluster: ClusterSettings::default(),
+            rules: RulesSettings::default(),
+            telemetry: TelemetrySettings::default(),
+        }
+    }
+}
+
+/// Where the downstream services listen (`FLASH_SALE_UPSTREAMS__ORDER_SERVICE`, ...).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamSettings {
+    /// Base URL of order-service (`http://host:port`); `/api/flash-sale/**` goes there.
+    pub order_service: String,
+    /// Base URL of inventory-service; `/api/inventory/**` goes there.
+    pub inventory_service: String,
+    /// Idle keep-alive connections kept per upstream host. The proxy reuses them instead of
+    /// paying a TCP handshake per request; under the seed's 1000-connection load most are busy.
+    pub pool_max_idle_per_host: usize,
+    /// How long an idle pooled connection is kept before it is closed.
+    pub pool_idle_timeout_ms: u64,
+    /// How long opening a new connection may take; an upstream that is down answers at once
+    /// (connection refused), one that is unreachable would otherwise hold the request.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            order_service: "http://127.0.0.1:8082".into(),
+            inventory_service: "http://127.0.0.1:8084".into(),
+            pool_max_idle_per_host: 1024,
+            pool_idle_timeout_ms: 90_000,
+            connect_timeout_ms: 1000,
+        }
+    }
+}
+
+/// Per-route settings that do not change while the gateway runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoutesSettings {
+    /// `/api/flash-sale/**` (route id `flash-sale-order`, the seed's).
+    pub flash_sale: RouteSettings,
+    /// `/api/inventory/**` (route id `inventory`).
+    pub inventory: RouteSettings,
+}
+
+impl Default for RoutesSettings {
+    fn default() -> Self {
+        Self {
+            // Longer than order-service's own worst case (Kafka publish 5 s), so the buyer hears
+            // order-service's answer rather than a gateway timeout while the order may succeed.
+            flash_sale: RouteSettings {
+                timeout_ms: 6000,
+                authenticate: true,
+            },
+            // Warm-up and reconcile calls of the admin API may take a while.
+            inventory: RouteSettings {
+                timeout_ms: 10_000,
+                authenticate: false,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteSettings {
+    /// Time from sending the request to the upstream's response head; past it the gateway
+    /// answers 504 `UPSTREAM_TIMEOUT` and counts an error for the circuit breaker.
+    pub timeout_ms: u64,
+    /// Whether the route needs the user token. The inventory admin API authenticates its own
+    /// bearer token, so the gateway passes `Authorization` through untouched there.
+    pub authenticate: bool,
+}
+
+/// Request handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxySettings {
+    /// Largest request body accepted, in bytes; bigger ones get 413 `PAYLOAD_TOO_LARGE` without
+    /// reaching an upstream. The API's bodies are small JSON documents.
+    pub body_limit_bytes: usize,
+    /// How many proxies in front of the gateway append to `X-Forwarded-For`. 0: the client is
+    /// the TCP peer. 1 (behind the ingress controller): the last entry of the header. Entries a
+    /// client wrote itself are never trusted, so the per-IP limit cannot be dodged by forging it.
+    pub trusted_proxy_hops: usize,
+    /// Most activities that get their own `activity:N` resource (and metric labels); further
+    /// ones share `activity:other`, so a client inventing ids cannot blow up the label set.
+    pub max_tracked_activities: usize,
+    /// How often the gateway samples its own CPU usage for the system rule's CPU checks.
+    pub cpu_sample_interval_ms: u64,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            body_limit_bytes: 16 * 1024,
+            trusted_proxy_hops: 0,
+            max_tracked_activities: 1000,
+            cpu_sample_interval_ms: 1000,
+        }
+    }
+}
+
+/// Signature algorithm of the user token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with a shared secret (`auth.hs256_secret`).
+    HS256,
+    /// RSA PKCS#1 v1.5 with SHA-256; the gateway holds only the public key (`auth.rs256_public_key`).
+    RS256,
+}
+
+/// Who the buyer is: a signed token (JWT) in `Authorization: Bearer ...`; its `sub` claim is the
+/// user id passed downstream in `x-user-id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthSettings {
+    /// HS256 or RS256; a token signed any other way is refused (no `alg` confusion).
+    pub algorithm: JwtAlgorithm,
+    /// The HS256 shared secret (at least 32 bytes).
+    pub hs256_secret: Secret,
+    /// The RS256 public key, PEM (`BEGIN PUBLIC KEY` or `BEGIN RSA PUBLIC KEY`).
+    pub rs256_public_key: String,
+    /// Required `iss` claim, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Development only: let requests without a token through (with no `x-user-id`), so
+    /// order-service takes the `userId` of the body and the seed's `hey` command works as written.
+    /// A token that is presented is still verified. Off by default; never on in production.
+    pub trust_body_user_id: bool,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            algorithm: JwtAlgorithm::HS256,
+            hs256_secret: Secret::default(),
+            rs256_public_key: String::new(),
+            issuer: None,
+            audience: None,
+            leeway_secs: 5,
+            trust_body_user_id: false,
+        }
+    }
+}
+
+/// The cluster-wide token bucket's Redis side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// How many gateway replicas to assume before Redis has told how many are alive (the
+    /// HPA's minimum). When Redis is unreachable, each replica enforces rate / replicas.
+    pub replicas_hint: usize,
+    /// How often each replica registers itself in Redis, so the others can count the replicas
+    /// alive; one that misses three beats is no longer counted.
+    pub heartbeat_ms: u64,
+    /// After a failed Redis call, how long the local share decides before Redis is tried again,
+    /// so a dead Redis costs one timeout per interval rather than one per request.
+    pub retry_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            replicas_hint: 3,
+            heartbeat_ms: 1000,
+            retry_ms: 1000,
+        }
+    }
+}
+
+/// The rule file (flow, hot-parameter, system, cluster, breaker and sold-out rules).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RulesSettings {
+    /// Path of the TOML rule file (in Kubernetes, a mounted ConfigMap). None: the built-in
+    /// rules (the seed's numbers), which `rules.example.toml` spells out.
+    pub file: Option<String>,
+    /// How often the file's modification time is checked; a changed file is reloaded.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for RulesSettings {
+    fn default() -> Self {
+        Self {
+            file: None,
+            poll_interval_ms: 1000,
+        }
+    }
+}

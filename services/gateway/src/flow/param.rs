@@ -1,0 +1,82 @@
+//! Hot-parameter limits (Sentinel's `ParamFlowRule`): a token bucket per value of one request
+//! parameter (user, client IP, activity), so one hot key is held back without touching others.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::bucket::TokenBucket;
+use crate::rules::ParamRule;
+
+/// Keys are spread over shards so concurrent requests for different keys rarely share a lock.
+const SHARDS: usize = 16;
+
+#[derive(Debug)]
+pub struct ParamLimiter {
+    rule: ParamRule,
+    hasher: RandomState,
+    max_keys_per_shard: usize,
+    shards: Vec<Mutex<HashMap<String, TokenBucket>>>,
+}
+
+impl ParamLimiter {
+    pub fn new(rule: &ParamRule) -> Self {
+        Self {
+            rule: rule.clone(),
+            hasher: RandomState::new(),
+            max_keys_per_shard: rule.max_keys.div_ceil(SHARDS).max(1),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    pub fn rule(&self) -> &ParamRule {
+        &self.rule
+    }
+
+    /// Takes one token for `key`, or says how long until the key has one again.
+    pub fn try_acquire(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        let count = self
+            .rule
+            .overrides
+            .get(key)
+            .copied()
+            .unwrap_or(self.rule.count);
+        if count == 0 {
+            return Err(Duration::from_secs(self.rule.window_secs));
+        }
+        let rate = f64::from(count) / self.rule.window_secs as f64;
+        let capacity = f64::from(count) + f64::from(self.rule.burst);
+
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let mut buckets = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bucket) = buckets.get_mut(key) {
+            return bucket.try_take(1.0, now);
+        }
+        if buckets.len() >= self.max_keys_per_shard {
+            // A full bucket is the same as none: forget those first.
+            buckets.retain(|_, b| !b.is_full(now));
+            if buckets.len() >= self.max_keys_per_shard {
+                // Every remembered key is busy: forget them all rather than grow without bound.
+                // This errs towards letting requests through, and is counted.
+                metrics::counter!("gateway_param_keys_evicted_total", "param" => self.rule.param.as_str())
+                    .increment(buckets.len() as u64);
+                buckets.clear();
+            }
+        }
+        let mut bucket = TokenBucket::new(rate, capacity, now);
+        let result = bucket.try_take(1.0, now);
+        buckets.insert(key.to_owned(), bucket);
+        result
+    }
+
+    /// Keys currently remembered (for tests).
+    pub fn keys(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}

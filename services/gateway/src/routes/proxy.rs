@@ -1,0 +1,297 @@
+//! The proxy handler: identity, body, flow control, forward, and what the answer teaches the
+//! sold-out short circuit.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use flash_sale_common::domain::{ActivityId, Quantity, UserId};
+use flash_sale_common::error::{ErrorBody, ErrorCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::error::GatewayError;
+use crate::flow::FlowRequest;
+use crate::flow::sold_out::SoldOutProbe;
+use crate::identity::Caller;
+use crate::resource::RouteId;
+use crate::state::AppState;
+
+/// The buy path, whose body names the activity.
+pub const CREATE_ORDER_PATH: &str = "/api/flash-sale/order/create";
+
+/// Largest refusal body read back from order-service to learn a sold-out.
+const ANSWER_LIMIT: usize = 16 * 1024;
+
+pub(super) async fn to_order_service(State(state): State<AppState>, request: Request) -> Response {
+    proxy(&state, RouteId::FlashSale, request).await
+}
+
+pub(super) async fn to_inventory_service(
+    State(state): State<AppState>,
+    request: Request,
+) -> Response {
+    proxy(&state, RouteId::Inventory, request).await
+}
+
+async fn proxy(state: &AppState, route: RouteId, request: Request) -> Response {
+    match handle(state, route, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    route: RouteId,
+    request: Request,
+) -> Result<Response, GatewayError> {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    let client_ip = client_ip(&request, peer, state.settings.proxy.trusted_proxy_hops);
+    let (parts, body) = request.into_parts();
+    let Parts {
+        method,
+        uri,
+        headers,
+        ..
+    } = parts;
+
+    let body = read_body(body, &headers, state.settings.proxy.body_limit_bytes).await?;
+    let order =
+        (route == RouteId::FlashSale && method == Method::POST && uri.path() == CREATE_ORDER_PATH)
+            .then(|| OrderFacts::parse(&body));
+    if let Some(activity) = order.and_then(|o| o.activity)
+        && let Some(refusal) = state.flow.known_sold_out(route, activity)
+    {
+        return Err(GatewayError::Blocked(refusal));
+    }
+
+    let caller = if state.authenticates(route) {
+        state.identity.authenticate(&headers)?
+    } else {
+        Caller::Anonymous
+    };
+    let user = match caller {
+        Caller::User(user) => Some(user.to_string()),
+        // Development mode: the body's user, when it is a real id (the seed's "{random}" is not).
+        Caller::Anonymous => order.and_then(|o| o.body_user).map(|u| u.to_string()),
+    };
+    let flow_request = FlowRequest {
+        route,
+        activity: order.and_then(|o| o.activity),
+        user: user.as_deref(),
+        client_ip,
+    };
+    let admission = state
+        .flow
+        .admit(&flow_request)
+        .await
+        .map_err(GatewayError::Blocked)?;
+
+    let forwarded = state
+        .upstream
+        .forward(route, method.clone(), &uri, headers, body, caller, peer)
+        .await;
+    match forwarded {
+        Ok(response) => {
+            let probe = admission.finish(response.status().is_server_error());
+            Ok(learn(state, route, &method, uri.path(), order, response, probe).await)
+        }
+        Err(error) => {
+            // A sold-out probe without an answer is abandoned: the next request probes.
+            drop(admission.finish(error.is_upstream_failure()));
+            Err(error)
+        }
+    }
+}
+
+/// What the body of an order creation says, read leniently: order-service validates it and
+/// answers bad input itself; the gateway only needs the activity, the quantity and (in
+/// development mode) the user.
+#[derive(Debug, Clone, Copy, Default)]
+struct OrderFacts {
+    activity: Option<ActivityId>,
+    body_user: Option<UserId>,
+    /// The order is for one item: a `SOLD_OUT` to it means nothing is left.
+    single_item: bool,
+}
+
+impl OrderFacts {
+    fn parse(body: &[u8]) -> Self {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Raw {
+            activity_id: Option<Value>,
+            user_id: Option<Value>,
+            quantity: Option<Value>,
+        }
+        // An object only: a struct would also take an array, by position.
+        let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let Some(raw) = is_object
+            .then(|| serde_json::from_slice::<Raw>(body).ok())
+            .flatten()
+        else {
+            return Self::default();
+        };
+        let single_item = match &raw.quantity {
+            None | Some(Value::Null) => true,
+            Some(q) => Quantity::parse(Some(q), u32::MAX).is_ok_and(|q| q.get() == 1),
+        };
+        Self {
+            activity: ActivityId::parse(raw.activity_id.as_ref()).ok(),
+            body_user: UserId::parse(raw.user_id.as_ref()).ok(),
+            single_item,
+        }
+    }
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GatewayError::PayloadTooLarge)
+        }
+        Err(_) => Err(GatewayError::BodyNotReceived),
+    }
+}
+
+/// The client's address: the TCP peer, or with `hops` trusted proxies in front the entry the
+/// outermost of them appended to `X-Forwarded-For` (entries left of it are the client's own
+/// claims).
+fn client_ip(request: &Request, peer: Option<IpAddr>, hops: usize) -> Option<IpAddr> {
+    if hops == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    entries
+        .len()
+        .checked_sub(hops)
+        .and_then(|i| entries[i].parse().ok())
+        .or(peer)
+}
+
+/// Learns from the upstream's answer: a one-item order refused `SOLD_OUT` (or any order refused
+/// `SALE_ENDED`) marks the activity; a restock or warm-up through the inventory route lifts it.
+async fn learn(
+    state: &AppState,
+    route: RouteId,
+    method: &Method,
+    path: &str,
+    order: Option<OrderFacts>,
+    response: Response,
+    probe: Option<SoldOutProbe>,
+) -> Response {
+    if route == RouteId::Inventory && *method == Method::POST && response.status().is_success() {
+        if let Some(activity) = restocked_activity(path) {
+            state.flow.sold_out().clear(activity);
+        } else if path == "/api/inventory/warmup" {
+            state.flow.sold_out().clear_all();
+        }
+        return response;
+    }
+    let Some(OrderFacts {
+        activity: Some(activity),
+        single_item,
+        ..
+    }) = order
+    else {
+        return response;
+    };
+    if !state.flow.rules().current().sold_out().enabled {
+        return response;
+    }
+    if response.status() != StatusCode::CONFLICT {
+        if let Some(probe) = probe {
+            probe.open();
+        }
+        return response;
+    }
+    let (head, body) = response.into_parts();
+    let Ok(collected) = Limited::new(body, ANSWER_LIMIT).collect().await else {
+        return GatewayError::UpstreamFailed(route.downstream()).into_response();
+    };
+    let bytes = collected.to_bytes();
+    let code = serde_json::from_slice::<ErrorBody>(&bytes)
+        .ok()
+        .map(|b| b.code);
+    let remembered = match code.as_deref() {
+        Some("SOLD_OUT") if single_item => Some(ErrorCode::SoldOut),
+        Some("SALE_ENDED") => Some(ErrorCode::SaleEnded),
+        _ => None,
+    };
+    let ttl = state.flow.sold_out_ttl();
+    match (remembered, probe) {
+        (Some(code), Some(probe)) => probe.still(code, ttl, Instant::now()),
+        (Some(code), None) => state
+            .flow
+            .sold_out()
+            .mark(activity, code, ttl, Instant::now()),
+        (None, Some(probe)) => probe.open(),
+        (None, None) => {}
+    }
+    Response::from_parts(head, Body::from(bytes))
+}
+
+/// `/api/inventory/activities/{id}/restock` or `/warmup`: the activity may have stock again.
+fn restocked_activity(path: &str) -> Option<ActivityId> {
+    let rest = path.strip_prefix("/api/inventory/activities/")?;
+    let (id, action) = rest.split_once('/')?;
+    matches!(action, "restock" | "warmup")
+        .then(|| id.parse().ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_facts_read_ids_as_numbers_or_strings() {
+        let f = OrderFacts::parse(br#"{"userId":"{random}","activityId":"1","quantity":1}"#);
+        assert_eq!(f.activity, ActivityId::new(1));
+        assert_eq!(f.body_user, None);
+        assert!(f.single_item);
+        let f = OrderFacts::parse(br#"{"userId":7,"activityId":2,"quantity":"3"}"#);
+        assert_eq!(f.activity, ActivityId::new(2));
+        assert_eq!(f.body_user, UserId::new(7));
+        assert!(!f.single_item);
+        let f = OrderFacts::parse(b"[1,2,3]");
+        assert_eq!(f.activity, None);
+    }
+
+    #[test]
+    fn restock_paths_name_their_activity() {
+        assert_eq!(
+            restocked_activity("/api/inventory/activities/9/restock"),
+            ActivityId::new(9)
+        );
+        assert_eq!(
+            restocked_activity("/api/inventory/activities/9/warmup"),
+            ActivityId::new(9)
+        );
+        assert_eq!(restocked_activity("/api/inventory/activities/9"), None);
+        assert_eq!(restocked_activity("/api/inventory/warmup"), None);
+    }
+}
