@@ -78,15 +78,9 @@ pub fn gateway_settings(
 
 pub async fn spawn_gateway(settings: gateway::Settings) -> anyhow::Result<RunningApp> {
     let app = gateway::Application::build(settings).await?;
-    let (port, mgmt) = (app.port(), app.management_port());
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-    Ok(RunningApp {
-        base_url: format!("http://127.0.0.1:{port}"),
-        management_url: format!("http://127.0.0.1:{mgmt}"),
-        token,
-        handle: Some(handle),
-    })
+    Ok(RunningApp::run(app.port(), app.management_port(), |t| {
+        app.run_until_stopped(t)
+    }))
 }
 
 /// One running service.
@@ -98,6 +92,31 @@ pub struct RunningApp {
 }
 
 impl RunningApp {
+    /// Runs a built application until its token is cancelled.
+    fn run<F>(port: u16, management_port: u16, run: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(run(token.clone()));
+        Self {
+            base_url: format!("http://127.0.0.1:{port}"),
+            management_url: format!("http://127.0.0.1:{management_port}"),
+            token,
+            handle: Some(handle),
+        }
+    }
+
+    /// The Prometheus text of the service's `/metrics`.
+    pub async fn metrics(&self, http: &reqwest::Client) -> anyhow::Result<String> {
+        Ok(http
+            .get(format!("{}/metrics", self.management_url))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
     /// Drains and stops the service (as on SIGTERM), returning how it ended.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.token.cancel();
@@ -123,30 +142,18 @@ impl Drop for RunningApp {
 
 pub async fn spawn_order_service(settings: order_service::Settings) -> anyhow::Result<RunningApp> {
     let app = order_service::Application::build(settings).await?;
-    let (port, mgmt) = (app.port(), app.management_port());
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-    Ok(RunningApp {
-        base_url: format!("http://127.0.0.1:{port}"),
-        management_url: format!("http://127.0.0.1:{mgmt}"),
-        token,
-        handle: Some(handle),
-    })
+    Ok(RunningApp::run(app.port(), app.management_port(), |t| {
+        app.run_until_stopped(t)
+    }))
 }
 
 pub async fn spawn_inventory_service(
     settings: inventory_service::Settings,
 ) -> anyhow::Result<RunningApp> {
     let app = inventory_service::Application::build(settings).await?;
-    let (port, mgmt) = (app.port(), app.management_port());
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(app.run_until_stopped(token.clone()));
-    Ok(RunningApp {
-        base_url: format!("http://127.0.0.1:{port}"),
-        management_url: format!("http://127.0.0.1:{mgmt}"),
-        token,
-        handle: Some(handle),
-    })
+    Ok(RunningApp::run(app.port(), app.management_port(), |t| {
+        app.run_until_stopped(t)
+    }))
 }
 
 /// A stack with both services running on it.

@@ -271,15 +271,7 @@ async fn health_and_metrics_on_the_management_port() {
             assert_eq!(res.status().as_u16(), 200, "{path}");
         }
     }
-    let metrics = apps
-        .http
-        .get(format!("{}/metrics", apps.order.management_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = apps.order.metrics(&apps.http).await.unwrap();
     for name in [
         "flash_sale_orders_total{activity=\"1\",outcome=\"accepted\"}",
         "http_requests_total{",

@@ -36,15 +36,7 @@ async fn the_seeds_hey_command_gets_no_5xx() {
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
     assert!(out.status.success());
-    let metrics = apps
-        .http
-        .get(format!("{}/metrics", apps.order.management_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = apps.order.metrics(&apps.http).await.unwrap();
     for line in metrics
         .lines()
         .filter(|l| l.starts_with("flash_sale_orders_total"))

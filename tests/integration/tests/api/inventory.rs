@@ -173,15 +173,7 @@ async fn drift_is_exported_and_repaired_once_it_holds_still() {
         "repaired on the third identical reading"
     );
     assert_eq!(stores.redis_stock(1).await.unwrap(), 14);
-    let metrics = apps
-        .http
-        .get(format!("{}/metrics", apps.inventory.management_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = apps.inventory.metrics(&apps.http).await.unwrap();
     assert!(
         metrics.contains("flash_sale_stock_drift{activity=\"1\"}"),
         "{metrics}"
