@@ -73,6 +73,7 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     let admin = Admin::new(http_client(), &inventory.url(), LOCAL_ADMIN_TOKEN);
     admin.create_activity(1, 0).await?; // sold out from the start
     admin.create_activity(2, 10_000_000).await?; // never sells out within a run
+    admin.create_activity(3, 10_000_000).await?; // the same, for the run through the gateway
     let no_short_circuit = [("FLASH_SALE_ORDER__SOLD_OUT_TTL_MS", "0".to_owned())];
     let (mut child, order) =
         services::start_with("order-service", &info, false, &no_short_circuit)?;
@@ -101,6 +102,38 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         &script,
         "2",
     )?);
+
+    // The gateway in front of the same order-service, every rule type on, with limits too high
+    // to refuse anything: what is measured is the gateway's cost, not its throttling.
+    let rules = root.join("bench-rules.toml");
+    std::fs::write(&rules, BENCH_RULES)?;
+    let gateway_env = [
+        ("FLASH_SALE_UPSTREAMS__ORDER_SERVICE", order.url()),
+        ("FLASH_SALE_UPSTREAMS__INVENTORY_SERVICE", inventory.url()),
+        (
+            "FLASH_SALE_AUTH__HS256_SECRET",
+            services::LOCAL_JWT_SECRET.to_owned(),
+        ),
+        ("FLASH_SALE_AUTH__TRUST_BODY_USER_ID", "true".to_owned()),
+        ("FLASH_SALE_RULES__FILE", rules.display().to_string()),
+    ];
+    let (child, gateway) = services::start_with("gateway", &info, false, &gateway_env)?;
+    children.push(child);
+    runs.push(wrk(
+        &o,
+        "gateway -> order-service: accepted",
+        &gateway.url(),
+        &script,
+        "3",
+    )?);
+    runs.push(wrk(
+        &o,
+        "gateway: sold out, short-circuit at the gateway",
+        &gateway.url(),
+        &script,
+        "1",
+    )?);
+
     // What the answers of the runs on this instance were, as order-service counted them.
     let metrics = http_client()
         .get(format!("{}/metrics", order.management_url()))
@@ -141,6 +174,41 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Every rule type of the gateway, with limits no run reaches.
+const BENCH_RULES: &str = r#"
+[[flow]]
+resource = "flash-sale-order"
+grade = "qps"
+count = 10000000
+control = "reject"
+
+[[flow]]
+resource = "flash-sale-order"
+grade = "concurrency"
+count = 100000
+
+[[param]]
+resource = "flash-sale-order"
+param = "user"
+count = 1000
+window_secs = 1
+burst = 0
+max_keys = 10000000
+
+[system]
+adaptive = true
+cpu_gate = 0.8
+min_in_flight = 100000
+window_ms = 10000
+buckets = 100
+
+[[cluster]]
+resource = "flash-sale-order"
+replenish_rate = 10000000
+burst_capacity = 20000000
+requested_tokens = 1
+"#;
 
 /// wrk's request generator: the seed's body with a new user per request.
 const WRK_SCRIPT: &str = r#"
