@@ -10,6 +10,7 @@
 //! - `ci`: every check and test; `.ci/run` runs exactly this.
 
 mod bench;
+mod canary;
 mod ci;
 mod sale;
 mod services;
@@ -29,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         "status" => up::status(),
         "setup" => setup::run(),
         "ci" => ci::run(),
+        "canary" => canary::run(rest),
         "help" | "--help" | "-h" => {
             println!("{}", HELP.trim());
             Ok(())
@@ -52,4 +54,6 @@ usage: cargo xtask <command>
   status             show what `up` started
   setup              install redis-server, mariadb-server, hey and tansu if missing
   ci                 every check and test (what .ci/run runs)
+  canary promote [--dry-run] [...]
+                     the canary's verdict from Prometheus, then promote or abort it (--help)
 ";

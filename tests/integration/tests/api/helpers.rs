@@ -47,3 +47,184 @@ pub(crate) async fn create_order(apps: &TestApps, user: i64, activity: i64) -> (
     let body = serde_json::json!({"userId": user.to_string(), "activityId": activity.to_string(), "quantity": 1});
     create_order_raw(apps, "application/json", &body.to_string()).await
 }
+
+// ------------------------------------------------------------ services in their own processes
+
+/// The environment variable that hands a [`ServiceProcess`] child its service and settings.
+const SERVICE_PROCESS_ENV: &str = "FLASH_SALE_TEST_SERVICE_PROCESS";
+/// The line a service child prints once it listens: `<marker> <base url> <management url>`.
+const SERVICE_PROCESS_READY: &str = "flash-sale-service-process-listening";
+
+/// A service with its settings, to run in a [`ServiceProcess`].
+pub(crate) enum ServiceSettings {
+    Order(order_service::Settings),
+    Inventory(inventory_service::Settings),
+    Gateway(gateway::Settings),
+}
+
+/// A real service running in a child process of this test binary, which re-runs itself with
+/// only [`service_process`] selected. In-process services share the process-wide Prometheus
+/// recorder with each other and with every test running alongside, so their `/metrics` cannot
+/// tell two instances apart; a child's `/metrics` holds its own series only, as a pod's does.
+/// Dropping it kills the child (by its pid) and removes its log.
+pub(crate) struct ServiceProcess {
+    pub(crate) name: &'static str,
+    pub(crate) base_url: String,
+    pub(crate) management_url: String,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ServiceProcess {
+    /// Starts the service and waits (at most 60 s) until it listens.
+    pub(crate) async fn spawn(settings: ServiceSettings) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let (name, settings) = match &settings {
+            ServiceSettings::Order(s) => ("order-service", serde_json::to_value(s)?),
+            ServiceSettings::Inventory(s) => ("inventory-service", serde_json::to_value(s)?),
+            ServiceSettings::Gateway(s) => ("gateway", serde_json::to_value(s)?),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("flash-sale-service-process-")
+            .tempdir()?;
+        let log = dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["helpers::service_process", "--exact", "--ignored"])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(
+                SERVICE_PROCESS_ENV,
+                serde_json::json!({"service": name, "settings": settings}).to_string(),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name} in a child process"))?;
+        let mut process = Self {
+            name,
+            base_url: String::new(),
+            management_url: String::new(),
+            child,
+            log,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let text = process.log_text();
+            let ready = text
+                .lines()
+                .find_map(|line| line.split_once(SERVICE_PROCESS_READY))
+                .map(|(_, rest)| rest)
+                .and_then(|rest| rest.trim().split_once(' '));
+            if let Some((base_url, management_url)) = ready {
+                process.base_url = base_url.to_owned();
+                process.management_url = management_url.to_owned();
+                return Ok(process);
+            }
+            if let Some(status) = process.child.try_wait()? {
+                anyhow::bail!("{name} exited with {status} before it listened:\n{text}");
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{name} did not listen within 60 s:\n{text}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What the child printed so far (its logs, at `RUST_LOG`, default `warn`).
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The Prometheus text of the service's `/metrics`.
+    pub(crate) async fn metrics(&self, http: &reqwest::Client) -> anyhow::Result<String> {
+        let res = http
+            .get(format!("{}/metrics", self.management_url))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            res.status().is_success(),
+            "{} /metrics: {}",
+            self.name,
+            res.status()
+        );
+        Ok(res.text().await?)
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// gateway settings in front of services running in child processes, as
+/// [`flash_sale_tests::apps::gateway_settings`] makes them for in-process ones.
+pub(crate) fn gateway_process_settings(
+    stack: &Stack,
+    order: &ServiceProcess,
+    inventory: &ServiceProcess,
+) -> gateway::Settings {
+    use flash_sale_common::configuration::{LogFormat, Secret};
+    use flash_sale_tests::apps::{JWT_SECRET, local};
+    let mut s = gateway::Settings {
+        server: local(0),
+        management: local(0),
+        ..Default::default()
+    };
+    s.upstreams.order_service = order.base_url.clone();
+    s.upstreams.inventory_service = inventory.base_url.clone();
+    s.redis.url = stack.redis_url();
+    s.auth.hs256_secret = Secret::new(JWT_SECRET);
+    s.telemetry.log_format = LogFormat::Pretty;
+    s
+}
+
+/// The body of a [`ServiceProcess`] child, not a test: it runs the service its parent named
+/// until the parent closes the child's stdin (it dropped the process, or died), at most 15
+/// minutes. Run without a parent, it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the body of a service child process; ServiceProcess::spawn runs it"]
+async fn service_process() {
+    use flash_sale_tests::apps::{
+        init_test_tracing, spawn_gateway, spawn_inventory_service, spawn_order_service,
+    };
+    let spec: Value = serde_json::from_str(
+        &std::env::var(SERVICE_PROCESS_ENV)
+            .expect("started by ServiceProcess::spawn, which names the service and its settings"),
+    )
+    .expect("the service spec is JSON");
+    init_test_tracing();
+    let settings = spec["settings"].clone();
+    let app = match spec["service"].as_str() {
+        Some("order-service") => {
+            spawn_order_service(serde_json::from_value(settings).unwrap()).await
+        }
+        Some("inventory-service") => {
+            spawn_inventory_service(serde_json::from_value(settings).unwrap()).await
+        }
+        Some("gateway") => spawn_gateway(serde_json::from_value(settings).unwrap()).await,
+        other => panic!("unknown service {other:?}"),
+    }
+    .expect("the service starts");
+    // On a line of its own: libtest has printed the test's name without a newline.
+    println!(
+        "\n{SERVICE_PROCESS_READY} {} {}",
+        app.base_url, app.management_url
+    );
+    // A plain thread: a blocking read on stdin must not hold up the runtime's shutdown.
+    let (closed, stdin_closed) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        let _ = closed.send(());
+    });
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(900), stdin_closed).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), app.stop()).await;
+}

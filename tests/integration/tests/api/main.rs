@@ -3,9 +3,11 @@
 
 mod api_answers;
 mod bad_input;
+mod canary;
 mod failures;
 mod gateway;
 mod helpers;
 mod hey;
 mod inventory;
+mod metric_names;
 mod sale;
