@@ -11,6 +11,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Whether the pod should receive traffic: set once start-up is done, cleared when draining.
 #[derive(Clone, Default)]
@@ -30,6 +33,32 @@ impl Readiness {
 struct ManagementState {
     readiness: Readiness,
     metrics: PrometheusHandle,
+}
+
+/// The management listener, served on its own task until [`ManagementServer::stop`]: it
+/// outlives the app listener so probes and scrapes answer during the whole drain.
+pub struct ManagementServer {
+    stop: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl ManagementServer {
+    pub fn spawn(listener: TcpListener, router: Router) -> Self {
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone().cancelled_owned();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        });
+        Self { stop, task }
+    }
+
+    /// Closes the listener once its in-flight requests are answered.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        Ok(self.task.await??)
+    }
 }
 
 pub fn router(readiness: Readiness, metrics: PrometheusHandle) -> Router {

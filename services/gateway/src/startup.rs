@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use flash_sale_common::management::Readiness;
+use flash_sale_common::management::{ManagementServer, Readiness};
 use flash_sale_common::telemetry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -72,13 +72,12 @@ impl Application {
         } = self;
         let settings = state.settings.clone();
         let app = routes::router(state.clone());
-        let mgmt = management::router(
+        let mgmt_router = management::router(
             state.clone(),
             readiness.clone(),
             telemetry::metrics_handle(),
         );
         let background = CancellationToken::new();
-        let mgmt_stop = CancellationToken::new();
 
         let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
         let stop = shutdown.clone();
@@ -111,14 +110,7 @@ impl Application {
             let interval = Duration::from_millis(settings.proxy.cpu_sample_interval_ms.max(10));
             jobs.spawn(async move { system::sample_cpu(flow.system(), interval, stop).await });
         }
-        let mgmt_task = {
-            let stop = mgmt_stop.clone();
-            tokio::spawn(async move {
-                axum::serve(management, mgmt)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-            })
-        };
+        let mgmt = ManagementServer::spawn(management, mgmt_router);
         readiness.set_ready(true);
         tracing::info!(
             order_service = %state.upstream.base_url(crate::resource::Downstream::OrderService),
@@ -138,8 +130,7 @@ impl Application {
         }
         background.cancel();
         while jobs.join_next().await.is_some() {}
-        mgmt_stop.cancel();
-        mgmt_task.await??;
+        mgmt.stop().await?;
         tracing::info!("gateway stopped");
         failure.map_or(Ok(()), Err)
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flash_sale_common::db;
-use flash_sale_common::management::{self, Readiness};
+use flash_sale_common::management::{self, ManagementServer, Readiness};
 use flash_sale_common::redis::Redis;
 use flash_sale_common::telemetry;
 use sqlx::MySqlPool;
@@ -70,26 +70,15 @@ impl Application {
         self.management.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    pub fn state(&self) -> &AppState {
-        &self.state
-    }
-
     /// Serves and runs the scheduled warm-up and reconciler until `shutdown`; a job finishes its
     /// pass before the process exits.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let readiness = Readiness::default();
         let app = routes::router(self.state.clone());
-        let mgmt = management::router(readiness.clone(), telemetry::metrics_handle());
-        let mgmt_stop = CancellationToken::new();
-        let mgmt_task = {
-            let stop = mgmt_stop.clone();
-            let listener = self.management;
-            tokio::spawn(async move {
-                axum::serve(listener, mgmt)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-            })
-        };
+        let mgmt = ManagementServer::spawn(
+            self.management,
+            management::router(readiness.clone(), telemetry::metrics_handle()),
+        );
         let jobs = tokio::spawn(run_jobs(self.state.clone(), shutdown.clone()));
         readiness.set_ready(true);
         tracing::info!("inventory-service ready");
@@ -99,8 +88,7 @@ impl Application {
         readiness.set_ready(false);
         shutdown.cancel();
         jobs.await.context("the scheduled jobs panicked")?;
-        mgmt_stop.cancel();
-        mgmt_task.await??;
+        mgmt.stop().await?;
         tracing::info!("inventory-service stopped");
         served.context("the http server failed")
     }

@@ -8,13 +8,22 @@ use sqlx::MySqlPool;
 use crate::activities;
 
 /// What the warm-up did with one activity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WarmupOutcome {
     /// Loaded into Redis: it is now on sale (within its window).
     Loaded,
     /// Already in Redis: its counters were left alone, its window refreshed.
     Kept,
+}
+
+impl WarmupOutcome {
+    /// The name used in the API and in `flash_sale_warmup_total{result}`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Loaded => "loaded",
+            Self::Kept => "kept",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +76,7 @@ pub async fn warm_up(
     } else {
         WarmupOutcome::Kept
     };
-    let label = if loaded == 1 { "loaded" } else { "kept" };
-    metrics::counter!("flash_sale_warmup_total", "result" => label).increment(1);
+    metrics::counter!("flash_sale_warmup_total", "result" => outcome.as_str()).increment(1);
     tracing::info!(activity = %id, ?outcome, stock = activity.stock, "warm-up");
     Ok(outcome)
 }

@@ -65,7 +65,6 @@ pub struct OrderConsumer {
     db: MySqlPool,
     redis: Redis,
     settings: ConsumerSettings,
-    topic: String,
 }
 
 impl OrderConsumer {
@@ -88,7 +87,6 @@ impl OrderConsumer {
             db,
             redis,
             settings,
-            topic: kafka.topic.clone(),
         })
     }
 
@@ -249,10 +247,6 @@ impl OrderConsumer {
             list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
         }
         self.consumer.commit(&list, CommitMode::Sync)
-    }
-
-    pub fn topic(&self) -> &str {
-        &self.topic
     }
 }
 

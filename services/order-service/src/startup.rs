@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flash_sale_common::db;
-use flash_sale_common::management::{self, Readiness};
+use flash_sale_common::management::{self, ManagementServer, Readiness};
 use flash_sale_common::redis::Redis;
 use flash_sale_common::telemetry;
 use tokio::net::TcpListener;
@@ -94,11 +94,6 @@ impl Application {
         self.management.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// The shared state, for tests that drive the router directly.
-    pub fn state(&self) -> &AppState {
-        &self.state
-    }
-
     /// Serves until `shutdown` is cancelled, then drains in order: readiness off, HTTP requests
     /// finish (each waits for its broker ack), the producer flushes, the consumer finishes and
     /// commits its batch, the management listener closes. A task that ends early cancels the
@@ -113,8 +108,10 @@ impl Application {
         } = self;
         let publisher = state.publisher.clone();
         let app = routes::router(state);
-        let mgmt = management::router(readiness.clone(), telemetry::metrics_handle());
-        let mgmt_stop = CancellationToken::new();
+        let mgmt = ManagementServer::spawn(
+            management,
+            management::router(readiness.clone(), telemetry::metrics_handle()),
+        );
 
         let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
         let stop = shutdown.clone();
@@ -131,14 +128,6 @@ impl Application {
                 ("order consumer", Ok(()))
             });
         }
-        let mgmt_task = {
-            let stop = mgmt_stop.clone();
-            tokio::spawn(async move {
-                axum::serve(management, mgmt)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-            })
-        };
         readiness.set_ready(true);
         tracing::info!("order-service ready");
 
@@ -158,8 +147,7 @@ impl Application {
                     .unwrap_or_else(|e| tracing::error!(error = %e, "producer flush failed"));
             }
         }
-        mgmt_stop.cancel();
-        mgmt_task.await??;
+        mgmt.stop().await?;
         tracing::info!("order-service stopped");
         failure.map_or(Ok(()), Err)
     }

@@ -56,20 +56,16 @@ pub fn inventory_settings(stack: &Stack) -> inventory_service::Settings {
 /// The HS256 key the test gateway verifies tokens with.
 pub const JWT_SECRET: &str = "test-secret-of-at-least-32-bytes-length";
 
-/// gateway settings in front of running order and inventory services, on free ports, using
-/// `stack`'s Redis for the cluster-wide bucket.
-pub fn gateway_settings(
-    stack: &Stack,
-    order: &RunningApp,
-    inventory: &RunningApp,
-) -> gateway::Settings {
+/// gateway settings in front of order and inventory services at these base URLs (in-process
+/// or child processes), on free ports, using `stack`'s Redis for the cluster-wide bucket.
+pub fn gateway_settings(stack: &Stack, order_url: &str, inventory_url: &str) -> gateway::Settings {
     let mut s = gateway::Settings {
         server: local(0),
         management: local(0),
         ..Default::default()
     };
-    s.upstreams.order_service = order.base_url.clone();
-    s.upstreams.inventory_service = inventory.base_url.clone();
+    s.upstreams.order_service = order_url.to_owned();
+    s.upstreams.inventory_service = inventory_url.to_owned();
     s.redis.url = stack.redis_url();
     s.auth.hs256_secret = Secret::new(JWT_SECRET);
     s.telemetry.log_format = LogFormat::Pretty;

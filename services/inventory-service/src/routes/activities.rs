@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::activities::{self, Activity, NewActivity};
 use crate::reconciler::{self, ActivityReport};
 use crate::startup::AppState;
-use crate::warmup::{self, WarmupError, WarmupOutcome};
+use crate::warmup::{self, WarmupError};
 
 /// Largest stock one activity may hold: a flash sale of a few thousand items, with headroom.
 const MAX_STOCK: i64 = 10_000_000;
@@ -189,13 +189,6 @@ pub struct WarmupView {
     pub outcome: String,
 }
 
-fn outcome_name(outcome: WarmupOutcome) -> String {
-    match outcome {
-        WarmupOutcome::Loaded => "loaded".into(),
-        WarmupOutcome::Kept => "kept".into(),
-    }
-}
-
 pub(super) async fn warm_up_activity(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -206,7 +199,7 @@ pub(super) async fn warm_up_activity(
         .map_err(warmup_error)?;
     Ok(Json(WarmupView {
         activity_id: id.to_string(),
-        outcome: outcome_name(outcome),
+        outcome: outcome.as_str().into(),
     }))
 }
 
@@ -221,7 +214,7 @@ pub(super) async fn warm_up_all(
         let outcome = result.map_err(warmup_error)?;
         views.push(WarmupView {
             activity_id: id.to_string(),
-            outcome: outcome_name(outcome),
+            outcome: outcome.as_str().into(),
         });
     }
     Ok(Json(views))

@@ -22,7 +22,8 @@ fn token(sub: &str, expires_in_secs: i64, secret: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_through_the_gateway_keeps_every_invariant() {
     let apps = spawn_apps().await;
-    let mut settings = gateway_settings(&apps.stack, &apps.order, &apps.inventory);
+    let mut settings =
+        gateway_settings(&apps.stack, &apps.order.base_url, &apps.inventory.base_url);
     settings.auth.trust_body_user_id = true; // the seed's load test: ids in the body
     let gateway = spawn_gateway(settings).await.unwrap();
     apps.admin().create_activity(1, 2000).await.unwrap();
@@ -71,9 +72,13 @@ async fn a_sale_through_the_gateway_keeps_every_invariant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_buys_as_the_token_says_and_refuses_forged_or_expired_tokens() {
     let apps = spawn_apps().await;
-    let gateway = spawn_gateway(gateway_settings(&apps.stack, &apps.order, &apps.inventory))
-        .await
-        .unwrap();
+    let gateway = spawn_gateway(gateway_settings(
+        &apps.stack,
+        &apps.order.base_url,
+        &apps.inventory.base_url,
+    ))
+    .await
+    .unwrap();
     apps.admin().create_activity(1, 10).await.unwrap();
     let buy = |bearer: Option<String>, body: Value| {
         let mut req = apps

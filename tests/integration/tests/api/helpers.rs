@@ -165,28 +165,6 @@ impl Drop for ServiceProcess {
     }
 }
 
-/// gateway settings in front of services running in child processes, as
-/// [`flash_sale_tests::apps::gateway_settings`] makes them for in-process ones.
-pub(crate) fn gateway_process_settings(
-    stack: &Stack,
-    order: &ServiceProcess,
-    inventory: &ServiceProcess,
-) -> gateway::Settings {
-    use flash_sale_common::configuration::{LogFormat, Secret};
-    use flash_sale_tests::apps::{JWT_SECRET, local};
-    let mut s = gateway::Settings {
-        server: local(0),
-        management: local(0),
-        ..Default::default()
-    };
-    s.upstreams.order_service = order.base_url.clone();
-    s.upstreams.inventory_service = inventory.base_url.clone();
-    s.redis.url = stack.redis_url();
-    s.auth.hs256_secret = Secret::new(JWT_SECRET);
-    s.telemetry.log_format = LogFormat::Pretty;
-    s
-}
-
 /// The body of a [`ServiceProcess`] child, not a test: it runs the service its parent named
 /// until the parent closes the child's stdin (it dropped the process, or died), at most 15
 /// minutes. Run without a parent, it fails.

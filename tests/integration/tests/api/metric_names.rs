@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use deploy_tests::{manifest, promql, repo_path};
-use flash_sale_tests::apps::{ADMIN_TOKEN, JWT_SECRET, inventory_settings, order_settings};
+use flash_sale_tests::apps::{
+    ADMIN_TOKEN, JWT_SECRET, gateway_settings, inventory_settings, order_settings,
+};
 use flash_sale_tests::scenario::Admin;
 use flash_sale_tests::stack::{BrokerStorage, Stack};
 use serde_json::{Value, json};
@@ -241,8 +243,10 @@ async fn every_metric_the_monitoring_reads_is_emitted_by_a_running_service() {
     let inventory = ServiceProcess::spawn(ServiceSettings::Inventory(inventory_settings(&stack)))
         .await
         .unwrap();
-    let gateway = ServiceProcess::spawn(ServiceSettings::Gateway(gateway_process_settings(
-        &stack, &order, &inventory,
+    let gateway = ServiceProcess::spawn(ServiceSettings::Gateway(gateway_settings(
+        &stack,
+        &order.base_url,
+        &inventory.base_url,
     )))
     .await
     .unwrap();
