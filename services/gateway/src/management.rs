@@ -42,6 +42,8 @@ pub struct ClusterView {
     pub connected: bool,
     pub fallback: bool,
     pub replicas: usize,
+    /// Tokens this replica holds from the shared bucket, per route with a cluster rule.
+    pub leased: BTreeMap<&'static str, u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +72,11 @@ async fn flow_view(State(state): State<AppState>) -> Json<FlowView> {
             connected: flow.cluster().is_connected(),
             fallback: flow.cluster().is_in_fallback(),
             replicas: flow.cluster().replicas(),
+            leased: RouteId::ALL
+                .into_iter()
+                .filter(|r| rules.cluster(*r).is_some())
+                .map(|r| (r.as_str(), flow.cluster().leased(r.as_str())))
+                .collect(),
         },
         system: SystemView {
             in_flight: flow.system().in_flight(),

@@ -1,5 +1,13 @@
 //! The cluster-wide limit: a token bucket in Redis that every gateway replica draws from (the
-//! seed's `RequestRateLimiter`, replenishRate 1000, burstCapacity 2000), one Lua call per request.
+//! seed's `RequestRateLimiter`, replenishRate 1000, burstCapacity 2000).
+//!
+//! A replica does not ask Redis for every request: it takes a [`Lease`] of tokens, usable for
+//! the rule's `lease_ms`, sized to what it used of the previous one (doubling while leases run
+//! out early) and never more than the whole cluster earns in `lease_ms`. Unused tokens go back
+//! to the bucket with the next call. A refusal from Redis is remembered until a token could be
+//! there (at most `lease_ms`). One refill per resource runs at a time; requests that find the
+//! lease empty meanwhile wait for it instead of all calling Redis. `lease_ms = 0` is one call
+//! per request.
 //!
 //! When Redis cannot be reached (not connected yet, an error, a timeout), each replica enforces
 //! its share locally, `rate / replicas` and `burst / replicas`, where `replicas` is the number
@@ -10,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{LazyLock, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 use flash_sale_common::configuration::RedisSettings;
@@ -59,6 +67,21 @@ pub struct ClusterLimiter {
     retry_at: Mutex<Option<Instant>>,
     in_fallback: AtomicBool,
     local: Mutex<HashMap<String, LocalShare>>,
+    leases: Mutex<HashMap<String, Arc<ResourceLease>>>,
+}
+
+/// One resource's lease, and the lock that lets one refill run at a time.
+#[derive(Debug, Default)]
+struct ResourceLease {
+    book: Mutex<Lease>,
+    refill: tokio::sync::Mutex<()>,
+}
+
+/// What Redis answered to a lease request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    Tokens(u32),
+    Refused(Duration),
 }
 
 impl std::fmt::Debug for ClusterLimiter {
@@ -82,6 +105,7 @@ impl ClusterLimiter {
             retry_at: Mutex::new(None),
             in_fallback: AtomicBool::new(false),
             local: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
         };
         metrics::gauge!("gateway_cluster_replicas").set(this.replicas() as f64);
         this
@@ -108,14 +132,35 @@ impl ClusterLimiter {
         self.in_fallback.load(Ordering::Relaxed)
     }
 
-    /// Takes the rule's tokens for one request.
+    /// Takes the rule's tokens for one request: from this replica's lease when it holds them,
+    /// otherwise from the shared bucket in Redis, or from the local share without Redis.
     pub async fn acquire(&self, resource: &str, rule: &ClusterRule) -> ClusterDecision {
+        let needed = rule.requested_tokens;
+        let lease = self.lease(resource);
+        if let Some(decision) = lock(&lease.book).take(needed, Instant::now()) {
+            return decision;
+        }
+        // One refill at a time: the others wait for it, then take from what it brought.
+        let _refilling = match rule.lease_ms {
+            0 => None,
+            _ => Some(lease.refill.lock().await),
+        };
+        if let Some(decision) = lock(&lease.book).take(needed, Instant::now()) {
+            return decision;
+        }
         match self.redis.get() {
             Some(redis) if !self.waiting_to_retry() => {
-                match self.call(redis, resource, rule).await {
-                    Ok(decision) => {
+                let (wanted, returned) = lock(&lease.book).start_refill(rule, Instant::now());
+                match self.call(redis, resource, rule, wanted, returned).await {
+                    Ok(grant) => {
                         self.leave_fallback();
-                        return decision;
+                        let outcome = match grant {
+                            Grant::Tokens(_) => "granted",
+                            Grant::Refused(_) => "refused",
+                        };
+                        metrics::counter!("gateway_cluster_leases_total", "resource" => resource.to_owned(), "outcome" => outcome)
+                            .increment(1);
+                        return lock(&lease.book).record(grant, rule, Instant::now());
                     }
                     // This process has `redis.max_in_flight` calls out already: Redis is fine,
                     // this one request is decided locally.
@@ -131,34 +176,49 @@ impl ClusterLimiter {
         self.decide_locally(resource, rule, Instant::now())
     }
 
+    fn lease(&self, resource: &str) -> Arc<ResourceLease> {
+        let mut leases = lock(&self.leases);
+        match leases.get(resource) {
+            Some(lease) => Arc::clone(lease),
+            None => Arc::clone(leases.entry(resource.to_owned()).or_default()),
+        }
+    }
+
+    /// The tokens this replica holds for `resource` now (unexpired lease), for `/flow`.
+    pub fn leased(&self, resource: &str) -> u32 {
+        lock(&self.lease(resource).book).available(Instant::now())
+    }
+
     async fn call(
         &self,
         redis: &Redis,
         resource: &str,
         rule: &ClusterRule,
-    ) -> Result<ClusterDecision, RedisFailure> {
+        wanted: u32,
+        returned: u32,
+    ) -> Result<Grant, RedisFailure> {
         let mut invocation = TOKEN_BUCKET.prepare_invoke();
         invocation
             .key(bucket_key(resource))
             .arg(rule.replenish_rate)
             .arg(rule.burst_capacity)
-            .arg(rule.requested_tokens);
-        let (allowed, _left, wait_ms): (i64, i64, i64) =
+            .arg(rule.requested_tokens)
+            .arg(wanted)
+            .arg(returned);
+        let (granted, _left, wait_ms): (i64, i64, i64) =
             redis.run("gateway_token_bucket", &invocation).await?;
-        Ok(if allowed == 1 {
-            ClusterDecision::Pass
-        } else {
-            ClusterDecision::Block(Duration::from_millis(wait_ms.max(0) as u64))
+        Ok(match u32::try_from(granted) {
+            Ok(granted) if granted >= rule.requested_tokens => Grant::Tokens(granted),
+            _ => Grant::Refused(Duration::from_millis(wait_ms.max(1) as u64)),
         })
     }
 
     fn waiting_to_retry(&self) -> bool {
-        let retry_at = self.retry_at.lock().unwrap_or_else(|e| e.into_inner());
-        retry_at.is_some_and(|at| Instant::now() < at)
+        lock(&self.retry_at).is_some_and(|at| Instant::now() < at)
     }
 
     fn enter_fallback(&self, cause: &str) {
-        *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) =
+        *lock(&self.retry_at) =
             Some(Instant::now() + Duration::from_millis(self.settings.retry_ms));
         if !self.in_fallback.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -172,7 +232,7 @@ impl ClusterLimiter {
 
     fn leave_fallback(&self) {
         if self.in_fallback.swap(false, Ordering::Relaxed) {
-            *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *lock(&self.retry_at) = None;
             tracing::info!("cluster rate limit: Redis reachable again, the shared bucket decides");
             metrics::gauge!("gateway_cluster_fallback").set(0.0);
         }
@@ -186,7 +246,7 @@ impl ClusterLimiter {
         now: Instant,
     ) -> ClusterDecision {
         let replicas = self.replicas();
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let mut local = lock(&self.local);
         let share = local
             .entry(resource.to_owned())
             .or_insert_with(|| LocalShare {
@@ -268,4 +328,102 @@ impl ClusterLimiter {
             Err(error) => tracing::debug!(%error, "cluster heartbeat failed"),
         }
     }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (plain counters).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Tokens one replica took from the shared bucket and has not spent yet, and how much to ask
+/// for next time. Pure bookkeeping on tokio's clock, so it is tested on a paused one.
+#[derive(Debug, Default)]
+pub struct Lease {
+    /// Unspent tokens of the current lease.
+    tokens: u32,
+    /// When they stop being usable.
+    expires: Option<Instant>,
+    /// The current lease's size.
+    granted: u32,
+    /// What the next refill asks for (0: not known yet, ask for one request's worth).
+    next_want: u32,
+    /// Redis refused: refuse here without asking until then.
+    refused_until: Option<Instant>,
+}
+
+impl Lease {
+    /// Spends `needed` tokens of an unexpired lease (`Pass`), repeats a remembered refusal
+    /// (`Block`), or says a refill is needed (`None`).
+    pub fn take(&mut self, needed: u32, now: Instant) -> Option<ClusterDecision> {
+        if let Some(until) = self.refused_until {
+            if now < until {
+                return Some(ClusterDecision::Block(until - now));
+            }
+            self.refused_until = None;
+        }
+        if self.available(now) >= needed {
+            self.tokens -= needed;
+            return Some(ClusterDecision::Pass);
+        }
+        None
+    }
+
+    /// Unspent tokens usable at `now`.
+    pub fn available(&self, now: Instant) -> u32 {
+        match self.expires {
+            Some(expires) if now < expires => self.tokens,
+            _ => 0,
+        }
+    }
+
+    /// Starts a refill: returns how many tokens to ask for and the unspent ones to give back
+    /// (they leave this lease whatever Redis answers, so a lost answer never spends them
+    /// twice). The next lease asks for what this one used if it lasted its whole length, twice
+    /// its size if it ran out early, between one request's worth and `replenish_rate x
+    /// lease_ms`.
+    pub fn start_refill(&mut self, rule: &ClusterRule, now: Instant) -> (u32, u32) {
+        let needed = rule.requested_tokens;
+        let returned = std::mem::take(&mut self.tokens);
+        let ran_out_early = self.expires.is_some_and(|expires| now < expires);
+        let want = if self.granted == 0 {
+            needed
+        } else if ran_out_early {
+            self.granted.saturating_mul(2)
+        } else {
+            self.granted - returned.min(self.granted)
+        };
+        let cap = max_lease(rule);
+        self.next_want = want.clamp(needed, cap);
+        self.expires = None;
+        (self.next_want, returned)
+    }
+
+    /// Records Redis' answer and decides the request that asked.
+    pub fn record(&mut self, grant: Grant, rule: &ClusterRule, now: Instant) -> ClusterDecision {
+        let length = Duration::from_millis(rule.lease_ms);
+        match grant {
+            Grant::Tokens(granted) => {
+                self.granted = granted;
+                self.tokens = granted.saturating_sub(rule.requested_tokens);
+                self.expires = Some(now + length);
+                ClusterDecision::Pass
+            }
+            Grant::Refused(wait) => {
+                self.granted = 0;
+                if !length.is_zero() {
+                    self.refused_until = Some(now + wait.min(length));
+                }
+                ClusterDecision::Block(wait)
+            }
+        }
+    }
+}
+
+/// The most one replica may hold: what the whole cluster earns in one lease (at least one
+/// request's worth).
+fn max_lease(rule: &ClusterRule) -> u32 {
+    let earned = u64::from(rule.replenish_rate) * rule.lease_ms / 1000;
+    u32::try_from(earned)
+        .unwrap_or(u32::MAX)
+        .max(rule.requested_tokens)
 }

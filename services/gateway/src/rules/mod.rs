@@ -85,6 +85,7 @@ impl Default for Rules {
                 replenish_rate: 1000,
                 burst_capacity: 2000,
                 requested_tokens: 1,
+                lease_ms: default_lease_ms(),
             }],
             breaker: breakers.collect(),
             sold_out: SoldOutRule::default(),
@@ -269,10 +270,20 @@ pub struct ClusterRule {
     /// Tokens one request costs.
     #[serde(default = "default_requested_tokens")]
     pub requested_tokens: u32,
+    /// How long tokens a replica takes from the shared bucket in one call stay usable. A
+    /// replica takes at most what the whole cluster earns in that time
+    /// (`replenish_rate x lease_ms`), sized to its own recent use; 0 asks Redis for every
+    /// request.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
 }
 
 fn default_requested_tokens() -> u32 {
     1
+}
+
+fn default_lease_ms() -> u64 {
+    100
 }
 
 /// What trips a breaker (Sentinel's degrade grades).
@@ -458,6 +469,10 @@ impl Rules {
             check(
                 r.burst_capacity >= r.requested_tokens && r.requested_tokens > 0,
                 format!("{at}: burst_capacity must be >= requested_tokens > 0"),
+            );
+            check(
+                r.lease_ms <= 1000,
+                format!("{at}: lease_ms must be at most 1000"),
             );
         }
         for (i, r) in self.breaker.iter().enumerate() {

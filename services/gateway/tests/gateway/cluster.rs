@@ -4,7 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use gateway::flow::cluster::bucket_key;
+use flash_sale_common::configuration::RedisSettings;
+use flash_sale_common::redis::Redis;
+use gateway::configuration::ClusterSettings;
+use gateway::flow::cluster::{ClusterDecision, ClusterLimiter, bucket_key};
 use gateway::rules::ClusterRule;
 use reqwest::StatusCode;
 
@@ -42,6 +45,7 @@ async fn two_gateways_share_one_redis_bucket_and_fall_back_to_their_shares_witho
         replenish_rate: 1,
         burst_capacity: 10,
         requested_tokens: 1,
+        lease_ms: 100,
     }];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rules.toml");
@@ -96,8 +100,11 @@ async fn two_gateways_share_one_redis_bucket_and_fall_back_to_their_shares_witho
         .unwrap();
     assert!(exists, "the bucket lives in Redis");
 
-    // Redis goes away: each gateway enforces half (two replicas were alive) of the burst.
+    // Redis goes away: each gateway enforces half (two replicas were alive) of the burst. (The
+    // bucket's last refusal is remembered for at most lease_ms, 100 ms; past that, the next
+    // request asks Redis and finds it gone.)
     redis.stop();
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let started = Instant::now();
     let (passed, _) = count_passed(&http, &[&a], 12).await;
     let refilled = (started.elapsed().as_secs_f64() * 0.5).ceil() as usize;
@@ -136,4 +143,89 @@ async fn two_gateways_share_one_redis_bucket_and_fall_back_to_their_shares_witho
     assert!(back, "leaves the fallback once Redis answers");
     a.stop().await;
     b.stop().await;
+}
+
+/// Scripts Redis has run so far (`EVALSHA`, and `EVAL` when a script was not cached yet).
+async fn scripts_run(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Requests that passed out of `requests`, alternating between the replicas.
+async fn alternate(replicas: &[&ClusterLimiter], rule: &ClusterRule, requests: usize) -> usize {
+    let mut passed = 0;
+    for i in 0..requests {
+        let replica = replicas[i % replicas.len()];
+        if replica.acquire(&rule.resource, rule).await == ClusterDecision::Pass {
+            passed += 1;
+        }
+    }
+    passed
+}
+
+#[tokio::test]
+async fn leased_tokens_spare_redis_calls_and_never_exceed_the_shared_bucket() {
+    let redis =
+        TestRedis::start().expect("redis-server is installed (`cargo xtask setup` installs it)");
+    let settings = RedisSettings {
+        url: redis.url(),
+        ..RedisSettings::default()
+    };
+    let replica = || async {
+        ClusterLimiter::with_redis(
+            &ClusterSettings::default(),
+            Redis::connect(&settings).await.unwrap(),
+        )
+    };
+    let (a, b) = (replica().await, replica().await);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    // A bucket that cannot run dry: every request passes, and leases (growing to 1000 tokens/s
+    // x 100 ms = 100 tokens) serve them with a small fraction of the calls.
+    let roomy = ClusterRule {
+        resource: "flash-sale-order".into(),
+        replenish_rate: 1000,
+        burst_capacity: 100_000,
+        requested_tokens: 1,
+        lease_ms: 100,
+    };
+    let before = scripts_run(&mut conn).await;
+    assert_eq!(alternate(&[&a, &b], &roomy, 2000).await, 2000);
+    let calls = scripts_run(&mut conn).await - before;
+    assert!(calls < 2000 / 4, "{calls} Redis calls for 2000 requests");
+
+    // A small bucket run dry by both: no more pass than the bucket held plus what it earned,
+    // and no fewer than that less what two leases (100 tokens/s x 100 ms = 10 each) can hold.
+    let small = ClusterRule {
+        resource: "inventory".into(),
+        replenish_rate: 100,
+        burst_capacity: 200,
+        requested_tokens: 1,
+        lease_ms: 100,
+    };
+    let started = Instant::now();
+    let passed = alternate(&[&a, &b], &small, 1000).await;
+    let earned = (started.elapsed().as_secs_f64() * 100.0).ceil() as usize;
+    assert!(
+        (200 - 2 * 10..=200 + earned).contains(&passed),
+        "{passed} passed, the bucket earned {earned} meanwhile"
+    );
 }

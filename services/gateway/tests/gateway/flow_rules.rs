@@ -8,7 +8,7 @@ use flash_sale_common::domain::ActivityId;
 use flash_sale_common::error::ErrorCode;
 use gateway::configuration::ClusterSettings;
 use gateway::flow::breaker::{CircuitState, DownstreamBreakers, Outcome};
-use gateway::flow::cluster::{ClusterDecision, ClusterLimiter};
+use gateway::flow::cluster::{ClusterDecision, ClusterLimiter, Grant, Lease};
 use gateway::flow::param::ParamLimiter;
 use gateway::flow::qps::{QpsDecision, QpsLimiter};
 use gateway::flow::sold_out::{SoldOut, SoldOutCheck};
@@ -535,6 +535,7 @@ async fn without_redis_each_replica_enforces_its_share_of_the_cluster_bucket() {
         replenish_rate: 10,
         burst_capacity: 20,
         requested_tokens: 1,
+        lease_ms: 100,
     };
     let mut passed = 0;
     for _ in 0..15 {
@@ -552,6 +553,128 @@ async fn without_redis_each_replica_enforces_its_share_of_the_cluster_bucket() {
         }
     }
     assert_eq!(passed, 5, "half of the rate per second");
+}
+
+fn leased_rule(replenish_rate: u32, lease_ms: u64) -> ClusterRule {
+    ClusterRule {
+        resource: "flash-sale-order".into(),
+        replenish_rate,
+        burst_capacity: replenish_rate * 2,
+        requested_tokens: 1,
+        lease_ms,
+    }
+}
+
+/// Spends from the lease until it needs a refill; returns how many requests it served.
+fn spend_all(lease: &mut Lease) -> u32 {
+    let mut served = 0;
+    while lease.take(1, Instant::now()) == Some(ClusterDecision::Pass) {
+        served += 1;
+    }
+    served
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_grows_while_it_runs_out_early_and_shrinks_to_what_was_used() {
+    // 1000 tokens a second cluster-wide, leases of 100 ms: at most 100 tokens per lease.
+    let rule = leased_rule(1000, 100);
+    let mut lease = Lease::default();
+    assert_eq!(lease.take(1, Instant::now()), None, "nothing leased yet");
+
+    // Each lease used up at once asks for twice as many next time, up to 100.
+    let mut asked = Vec::new();
+    for _ in 0..9 {
+        let (wanted, returned) = lease.start_refill(&rule, Instant::now());
+        assert_eq!(returned, 0, "every token was spent");
+        asked.push(wanted);
+        assert_eq!(
+            lease.record(Grant::Tokens(wanted), &rule, Instant::now()),
+            ClusterDecision::Pass,
+            "the request that refilled is served from the grant"
+        );
+        assert_eq!(spend_all(&mut lease), wanted - 1);
+    }
+    assert_eq!(asked, [1, 2, 4, 8, 16, 32, 64, 100, 100]);
+
+    // A lease of 100 of which 30 are spent before it expires: the 70 left go back with the
+    // next call, which asks for what was used.
+    let (wanted, _) = lease.start_refill(&rule, Instant::now());
+    assert_eq!(wanted, 100);
+    lease.record(Grant::Tokens(wanted), &rule, Instant::now());
+    for _ in 0..29 {
+        assert_eq!(lease.take(1, Instant::now()), Some(ClusterDecision::Pass));
+    }
+    assert_eq!(lease.available(Instant::now()), 70);
+    advance(Duration::from_millis(100)).await;
+    assert_eq!(
+        lease.available(Instant::now()),
+        0,
+        "expired tokens are not spent"
+    );
+    assert_eq!(lease.take(1, Instant::now()), None);
+    assert_eq!(lease.start_refill(&rule, Instant::now()), (30, 70));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_lease_is_remembered_until_a_token_could_be_there() {
+    let rule = leased_rule(1000, 100);
+    let mut lease = Lease::default();
+    let _ = lease.start_refill(&rule, Instant::now());
+    assert_eq!(
+        lease.record(
+            Grant::Refused(Duration::from_millis(30)),
+            &rule,
+            Instant::now()
+        ),
+        ClusterDecision::Block(Duration::from_millis(30))
+    );
+    advance(Duration::from_millis(10)).await;
+    assert_eq!(
+        lease.take(1, Instant::now()),
+        Some(ClusterDecision::Block(Duration::from_millis(20))),
+        "refused here, without asking Redis"
+    );
+    advance(Duration::from_millis(20)).await;
+    assert_eq!(
+        lease.take(1, Instant::now()),
+        None,
+        "then Redis is asked again"
+    );
+
+    // Never for longer than one lease, whatever the bucket's wait.
+    let _ = lease.start_refill(&rule, Instant::now());
+    lease.record(
+        Grant::Refused(Duration::from_secs(5)),
+        &rule,
+        Instant::now(),
+    );
+    advance(Duration::from_millis(100)).await;
+    assert_eq!(lease.take(1, Instant::now()), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_of_zero_ms_asks_for_every_request() {
+    let rule = leased_rule(1000, 0);
+    let mut lease = Lease::default();
+    for _ in 0..3 {
+        assert_eq!(lease.take(1, Instant::now()), None);
+        assert_eq!(lease.start_refill(&rule, Instant::now()), (1, 0));
+        assert_eq!(
+            lease.record(Grant::Tokens(1), &rule, Instant::now()),
+            ClusterDecision::Pass
+        );
+    }
+    let _ = lease.start_refill(&rule, Instant::now());
+    lease.record(
+        Grant::Refused(Duration::from_millis(30)),
+        &rule,
+        Instant::now(),
+    );
+    assert_eq!(
+        lease.take(1, Instant::now()),
+        None,
+        "no refusal is remembered"
+    );
 }
 
 #[tokio::test(start_paused = true)]
