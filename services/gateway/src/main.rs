@@ -2,6 +2,9 @@ use flash_sale_common::{configuration, shutdown, telemetry};
 use gateway::{Application, Settings};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = configuration::load(Settings::default())?;
