@@ -2,6 +2,10 @@
 //! on the same machine: a bare axum handler that parses the same body and makes one Redis Lua
 //! call through one multiplexed connection (the reference point). Load comes from `wrk`
 //! (a separate process, 2 threads), on 127.0.0.1 only, for a bounded time.
+//!
+//! The accepted-order load runs straight at order-service and through the gateway in
+//! alternating rounds (`--rounds`), each on a fresh activity and each after the consumer has
+//! written every earlier order to MySQL, so no run inherits another's backlog.
 
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -17,7 +21,7 @@ use crate::services::{self, LOCAL_ADMIN_TOKEN};
 
 /// One measured run.
 struct Run {
-    name: &'static str,
+    name: String,
     requests_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -27,12 +31,14 @@ struct Run {
 struct Options {
     seconds: u64,
     connections: u64,
+    rounds: u32,
 }
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let mut o = Options {
         seconds: 10,
         connections: 1000,
+        rounds: 3,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -40,6 +46,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         match flag.as_str() {
             "--seconds" => o.seconds = value()?.parse()?,
             "--connections" => o.connections = value()?.parse()?,
+            "--rounds" => o.rounds = value()?.parse::<u32>()?.max(1),
             other => bail!("unknown option {other}"),
         }
     }
@@ -72,8 +79,12 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     children.push(child);
     let admin = Admin::new(http_client(), &inventory.url(), LOCAL_ADMIN_TOKEN);
     admin.create_activity(1, 0).await?; // sold out from the start
-    admin.create_activity(2, 10_000_000).await?; // never sells out within a run
-    admin.create_activity(3, 10_000_000).await?; // the same, for the run through the gateway
+    // Accepted-order runs, each on its own activity (wrk's users repeat from run to run), with
+    // stock no run exhausts.
+    let accepted_activities = (0..o.rounds * 2).map(|i| 10 + i64::from(i));
+    for activity in accepted_activities.clone() {
+        admin.create_activity(activity, 10_000_000).await?;
+    }
     let no_short_circuit = [("FLASH_SALE_ORDER__SOLD_OUT_TTL_MS", "0".to_owned())];
     let (mut child, order) =
         services::start_with("order-service", &info, false, &no_short_circuit)?;
@@ -95,13 +106,6 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         &script,
         "1",
     )?);
-    runs.push(wrk(
-        &o,
-        "order-service: accepted (reserve + publish + ack)",
-        &order.url(),
-        &script,
-        "2",
-    )?);
 
     // The gateway in front of the same order-service, every rule type on, with limits too high
     // to refuse anything: what is measured is the gateway's cost, not its throttling.
@@ -119,13 +123,36 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     ];
     let (child, gateway) = services::start_with("gateway", &info, false, &gateway_env)?;
     children.push(child);
-    runs.push(wrk(
-        &o,
-        "gateway -> order-service: accepted",
-        &gateway.url(),
-        &script,
-        "3",
-    )?);
+
+    let mut rounds = Vec::new();
+    let mut activities = accepted_activities.map(|a| a.to_string());
+    for round in 1..=o.rounds {
+        let mut pair = [0.0; 2];
+        for (i, (name, url)) in [
+            (
+                "order-service: accepted (reserve + publish + ack)",
+                order.url(),
+            ),
+            ("gateway -> order-service: accepted", gateway.url()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            wait_for_drain(&order.management_url()).await?;
+            let activity = activities.next().context("one activity per run")?;
+            let run = wrk(
+                &o,
+                &format!("{name}, round {round}"),
+                &url,
+                &script,
+                &activity,
+            )?;
+            pair[i] = run.requests_per_sec;
+            runs.push(run);
+        }
+        rounds.push(pair);
+    }
+    wait_for_drain(&order.management_url()).await?;
     runs.push(wrk(
         &o,
         "gateway: sold out, short-circuit at the gateway",
@@ -146,6 +173,20 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         l.starts_with("flash_sale_orders_total")
             || l.starts_with("flash_sale_kafka_producer_resets_total")
     }) {
+        println!("  {line}");
+    }
+
+    let gateway_metrics = http_client()
+        .get(format!("{}/metrics", gateway.management_url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    println!("gateway calls to the shared Redis bucket (token leases):");
+    for line in gateway_metrics
+        .lines()
+        .filter(|l| l.starts_with("gateway_cluster_leases_total"))
+    {
         println!("  {line}");
     }
 
@@ -172,7 +213,45 @@ async fn bench(o: Options) -> anyhow::Result<()> {
             r.non_2xx_3xx
         );
     }
+    let mut ratios: Vec<f64> = rounds.iter().map(|[direct, via]| via / direct).collect();
+    let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "\ngateway -> order-service, accepted, as a share of straight at order-service: {} by round, median {:.2}",
+        shown.join(", "),
+        ratios[ratios.len() / 2]
+    );
+    let sold_out = runs.last().map_or(0.0, |r| r.requests_per_sec);
+    println!(
+        "gateway sold-out short circuit as a share of the bare handler: {:.2}",
+        sold_out / base
+    );
     Ok(())
+}
+
+/// Waits until order-service's consumer has written every accepted order to MySQL (its lag
+/// is 0), so the next run does not share the machine with the last one's backlog.
+async fn wait_for_drain(management_url: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let text = http_client()
+            .get(format!("{management_url}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let lag = text
+            .lines()
+            .find_map(|l| l.strip_prefix("flash_sale_consumer_lag "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if lag == Some(0.0) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("order-service's consumer still lags ({lag:?}) after 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Every rule type of the gateway, with limits no run reaches.
@@ -230,7 +309,7 @@ end
 
 fn wrk(
     o: &Options,
-    name: &'static str,
+    name: &str,
     base_url: &str,
     script: &std::path::Path,
     activity: &str,
@@ -263,7 +342,7 @@ fn wrk(
     let non_ok = number_after("Non-2xx or 3xx responses:").map_or(0, |s| s.parse().unwrap_or(0));
     std::thread::sleep(Duration::from_secs(1));
     Ok(Run {
-        name,
+        name: name.to_owned(),
         requests_per_sec: rps,
         p50_ms: ms(number_after("50%")),
         p99_ms: ms(number_after("99%")),
