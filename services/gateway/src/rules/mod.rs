@@ -516,6 +516,18 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_rule_file_is_the_example() {
+        // k8s/gateway/rules.toml becomes the gateway-rules ConfigMap: kustomize only reads files
+        // inside its own directory, so it is a copy, kept equal here.
+        let example = include_str!("../../rules.example.toml");
+        let deployed = include_str!("../../../../k8s/gateway/rules.toml");
+        assert!(
+            deployed == example,
+            "k8s/gateway/rules.toml differs from services/gateway/rules.example.toml"
+        );
+    }
+
+    #[test]
     fn a_missing_section_keeps_its_default_and_an_empty_list_turns_it_off() {
         let rules = Rules::from_toml("cluster = []\n").unwrap();
         assert!(rules.cluster.is_empty());
