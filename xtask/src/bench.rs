@@ -22,6 +22,7 @@ use crate::services::{self, LOCAL_ADMIN_TOKEN};
 /// One measured run.
 struct Run {
     name: String,
+    requests: u64,
     requests_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -98,6 +99,7 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     services::stop(&mut child);
 
     let (child, order) = services::start("order-service", &info, false)?;
+    let order_pid = child.id();
     children.push(child);
     runs.push(wrk(
         &o,
@@ -122,9 +124,12 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         ("FLASH_SALE_RULES__FILE", rules.display().to_string()),
     ];
     let (child, gateway) = services::start_with("gateway", &info, false, &gateway_env)?;
+    let gateway_pid = child.id();
     children.push(child);
 
     let mut rounds = Vec::new();
+    // CPU each process spent per request in the accepted runs: (run, order-service, gateway).
+    let mut cpu = Vec::new();
     let mut activities = accepted_activities.map(|a| a.to_string());
     for round in 1..=o.rounds {
         let mut pair = [0.0; 2];
@@ -140,6 +145,7 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         {
             wait_for_drain(&order.management_url()).await?;
             let activity = activities.next().context("one activity per run")?;
+            let before = [cpu_seconds(order_pid), cpu_seconds(gateway_pid)];
             let run = wrk(
                 &o,
                 &format!("{name}, round {round}"),
@@ -147,6 +153,14 @@ async fn bench(o: Options) -> anyhow::Result<()> {
                 &script,
                 &activity,
             )?;
+            let per_request = |j: usize, pid: u32| {
+                (cpu_seconds(pid) - before[j]) * 1e6 / run.requests.max(1) as f64
+            };
+            cpu.push((
+                run.name.clone(),
+                per_request(0, order_pid),
+                per_request(1, gateway_pid),
+            ));
             pair[i] = run.requests_per_sec;
             runs.push(run);
         }
@@ -221,9 +235,15 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         shown.join(", "),
         ratios[ratios.len() / 2]
     );
+    println!("\nCPU per request (user + system, from /proc), in microseconds:\n");
+    println!("| run | order-service | gateway |");
+    println!("|---|---:|---:|");
+    for (name, order_us, gateway_us) in &cpu {
+        println!("| {name} | {order_us:.1} | {gateway_us:.1} |");
+    }
     let sold_out = runs.last().map_or(0.0, |r| r.requests_per_sec);
     println!(
-        "gateway sold-out short circuit as a share of the bare handler: {:.2}",
+        "\ngateway sold-out short circuit as a share of the bare handler: {:.2}",
         sold_out / base
     );
     Ok(())
@@ -338,16 +358,44 @@ fn wrk(
     let rps: f64 = number_after("Requests/sec:")
         .with_context(|| format!("wrk printed no Requests/sec:\n{text}"))?
         .parse()?;
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
     let ms = |v: Option<String>| v.map_or(0.0, |s| parse_duration_ms(&s));
     let non_ok = number_after("Non-2xx or 3xx responses:").map_or(0, |s| s.parse().unwrap_or(0));
     std::thread::sleep(Duration::from_secs(1));
     Ok(Run {
         name: name.to_owned(),
+        requests,
         requests_per_sec: rps,
         p50_ms: ms(number_after("50%")),
         p99_ms: ms(number_after("99%")),
         non_2xx_3xx: non_ok,
     })
+}
+
+/// CPU time (user + system) the process has used so far, in seconds; 0 if it cannot be read.
+/// Linux's `/proc/<pid>/stat` counts it in clock ticks of 1/100 s.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses: utime is the 12th,
+    // stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn parse_duration_ms(s: &str) -> f64 {
