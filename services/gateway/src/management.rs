@@ -75,7 +75,7 @@ async fn flow_view(State(state): State<AppState>) -> Json<FlowView> {
             leased: RouteId::ALL
                 .into_iter()
                 .filter(|r| rules.cluster(*r).is_some())
-                .map(|r| (r.as_str(), flow.cluster().leased(r.as_str())))
+                .map(|r| (r.as_str(), flow.cluster().leased(r)))
                 .collect(),
         },
         system: SystemView {

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
 use flash_sale_common::configuration::RedisSettings;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bucket::TokenBucket;
 use crate::configuration::ClusterSettings;
+use crate::resource::RouteId;
 use crate::rules::ClusterRule;
 
 static TOKEN_BUCKET: LazyLock<Script> =
@@ -67,10 +68,11 @@ pub struct ClusterLimiter {
     retry_at: Mutex<Option<Instant>>,
     in_fallback: AtomicBool,
     local: Mutex<HashMap<String, LocalShare>>,
-    leases: Mutex<HashMap<String, Arc<ResourceLease>>>,
+    /// One per route, indexed by `RouteId as usize`.
+    leases: [ResourceLease; RouteId::ALL.len()],
 }
 
-/// One resource's lease, and the lock that lets one refill run at a time.
+/// One route's lease, and the lock that lets one refill run at a time.
 #[derive(Debug, Default)]
 struct ResourceLease {
     book: Mutex<Lease>,
@@ -105,7 +107,7 @@ impl ClusterLimiter {
             retry_at: Mutex::new(None),
             in_fallback: AtomicBool::new(false),
             local: Mutex::new(HashMap::new()),
-            leases: Mutex::new(HashMap::new()),
+            leases: Default::default(),
         };
         metrics::gauge!("gateway_cluster_replicas").set(this.replicas() as f64);
         this
@@ -134,9 +136,10 @@ impl ClusterLimiter {
 
     /// Takes the rule's tokens for one request: from this replica's lease when it holds them,
     /// otherwise from the shared bucket in Redis, or from the local share without Redis.
-    pub async fn acquire(&self, resource: &str, rule: &ClusterRule) -> ClusterDecision {
+    pub async fn acquire(&self, route: RouteId, rule: &ClusterRule) -> ClusterDecision {
+        let resource = route.as_str();
         let needed = rule.requested_tokens;
-        let lease = self.lease(resource);
+        let lease = &self.leases[route as usize];
         if let Some(decision) = lock(&lease.book).take(needed, Instant::now()) {
             return decision;
         }
@@ -158,7 +161,7 @@ impl ClusterLimiter {
                             Grant::Tokens(_) => "granted",
                             Grant::Refused(_) => "refused",
                         };
-                        metrics::counter!("gateway_cluster_leases_total", "resource" => resource.to_owned(), "outcome" => outcome)
+                        metrics::counter!("gateway_cluster_leases_total", "resource" => resource, "outcome" => outcome)
                             .increment(1);
                         return lock(&lease.book).record(grant, rule, Instant::now());
                     }
@@ -171,22 +174,14 @@ impl ClusterLimiter {
             Some(_) => {}
             None => self.enter_fallback("Redis is not connected"),
         }
-        metrics::counter!("gateway_cluster_fallback_decisions_total", "resource" => resource.to_owned())
+        metrics::counter!("gateway_cluster_fallback_decisions_total", "resource" => resource)
             .increment(1);
         self.decide_locally(resource, rule, Instant::now())
     }
 
-    fn lease(&self, resource: &str) -> Arc<ResourceLease> {
-        let mut leases = lock(&self.leases);
-        match leases.get(resource) {
-            Some(lease) => Arc::clone(lease),
-            None => Arc::clone(leases.entry(resource.to_owned()).or_default()),
-        }
-    }
-
-    /// The tokens this replica holds for `resource` now (unexpired lease), for `/flow`.
-    pub fn leased(&self, resource: &str) -> u32 {
-        lock(&self.lease(resource).book).available(Instant::now())
+    /// The tokens this replica holds for `route` now (unexpired lease), for `/flow`.
+    pub fn leased(&self, route: RouteId) -> u32 {
+        lock(&self.leases[route as usize].book).available(Instant::now())
     }
 
     async fn call(
@@ -343,10 +338,8 @@ pub struct Lease {
     tokens: u32,
     /// When they stop being usable.
     expires: Option<Instant>,
-    /// The current lease's size.
+    /// The current lease's size (0: none yet, or refused: ask for one request's worth).
     granted: u32,
-    /// What the next refill asks for (0: not known yet, ask for one request's worth).
-    next_want: u32,
     /// Redis refused: refuse here without asking until then.
     refused_until: Option<Instant>,
 }
@@ -392,10 +385,8 @@ impl Lease {
         } else {
             self.granted - returned.min(self.granted)
         };
-        let cap = max_lease(rule);
-        self.next_want = want.clamp(needed, cap);
         self.expires = None;
-        (self.next_want, returned)
+        (want.clamp(needed, max_lease(rule)), returned)
     }
 
     /// Records Redis' answer and decides the request that asked.

@@ -333,7 +333,7 @@ impl Flow {
         };
 
         if let Some(rule) = rules.cluster(route)
-            && let ClusterDecision::Block(wait) = self.cluster.acquire(route.as_str(), rule).await
+            && let ClusterDecision::Block(wait) = self.cluster.acquire(route, rule).await
         {
             return Err(refuse(BlockReason::Cluster, route.as_str(), Some(wait)));
         }

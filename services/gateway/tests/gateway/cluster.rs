@@ -8,6 +8,7 @@ use flash_sale_common::configuration::RedisSettings;
 use flash_sale_common::redis::Redis;
 use gateway::configuration::ClusterSettings;
 use gateway::flow::cluster::{ClusterDecision, ClusterLimiter, bucket_key};
+use gateway::resource::RouteId;
 use gateway::rules::ClusterRule;
 use reqwest::StatusCode;
 
@@ -167,10 +168,14 @@ async fn scripts_run(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 
 /// Requests that passed out of `requests`, alternating between the replicas.
 async fn alternate(replicas: &[&ClusterLimiter], rule: &ClusterRule, requests: usize) -> usize {
+    let route = RouteId::ALL
+        .into_iter()
+        .find(|r| r.as_str() == rule.resource)
+        .expect("cluster rules name a route");
     let mut passed = 0;
     for i in 0..requests {
         let replica = replicas[i % replicas.len()];
-        if replica.acquire(&rule.resource, rule).await == ClusterDecision::Pass {
+        if replica.acquire(route, rule).await == ClusterDecision::Pass {
             passed += 1;
         }
     }

@@ -539,7 +539,7 @@ async fn without_redis_each_replica_enforces_its_share_of_the_cluster_bucket() {
     };
     let mut passed = 0;
     for _ in 0..15 {
-        if cluster.acquire("flash-sale-order", &rule).await == ClusterDecision::Pass {
+        if cluster.acquire(RouteId::FlashSale, &rule).await == ClusterDecision::Pass {
             passed += 1;
         }
     }
@@ -548,7 +548,7 @@ async fn without_redis_each_replica_enforces_its_share_of_the_cluster_bucket() {
     advance(Duration::from_secs(1)).await;
     let mut passed = 0;
     for _ in 0..15 {
-        if cluster.acquire("flash-sale-order", &rule).await == ClusterDecision::Pass {
+        if cluster.acquire(RouteId::FlashSale, &rule).await == ClusterDecision::Pass {
             passed += 1;
         }
     }
