@@ -29,9 +29,10 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
 /// The process-wide Prometheus recorder; installed once, shared by every app in the process.
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
@@ -43,6 +44,12 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Whether [`metrics_handle`] has installed the recorder: before, every metric goes nowhere, and
+/// a handle taken then would stay a no-op.
+pub fn recorder_installed() -> bool {
+    HANDLE.get().is_some()
 }
 
 /// Renders `/metrics`, refreshing the process and runtime gauges first.
