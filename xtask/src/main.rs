@@ -46,9 +46,11 @@ usage: cargo xtask <command>
                      the main job: a local flash sale end to end, with its report
                      (defaults: the seed's 100000 requests, 1000 concurrent, 10000 items;
                      --hey also runs the seed's hey command against the stack)
-  bench [--seconds N] [--connections C]
+  bench [--seconds N] [--connections C] [--rounds R]
                      the benchmark: order-service paths against a bare axum handler
-                     making one Redis Lua call, same run, with wrk (docs/performance.md)
+                     making one Redis Lua call, and accepted orders straight at order-service
+                     against through the gateway in R alternating rounds (defaults: 10 s,
+                     1000 connections, 5 rounds), same run, with wrk (docs/performance.md)
   up [--foreground]  start the stack and the services and print where they listen
   down               stop what `up` started
   status             show what `up` started
