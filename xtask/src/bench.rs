@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use axum::Router;
 use axum::routing::post;
 use flash_sale_tests::apps::http_client;
-use flash_sale_tests::scenario::Admin;
+use flash_sale_tests::scenario::{Admin, Stores};
 use flash_sale_tests::stack::{BrokerStorage, Stack};
 
 use crate::services::{self, LOCAL_ADMIN_TOKEN};
@@ -132,7 +132,8 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     // the whole machine from the start of the run until its orders were written.
     let mut cpu = Vec::new();
     let mut machine_rounds = Vec::new();
-    let mut activities = accepted_activities.map(|a| a.to_string());
+    let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
+    let mut activities = accepted_activities;
     for round in 1..=o.rounds {
         let mut pair = [0.0; 2];
         let mut machine_pair = [0.0; 2];
@@ -146,7 +147,7 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         .into_iter()
         .enumerate()
         {
-            wait_for_drain(&order.management_url()).await?;
+            // Every earlier run's orders are in MySQL (waited for below): no run inherits a backlog.
             let activity = activities.next().context("one activity per run")?;
             let before = [cpu_seconds(order_pid), cpu_seconds(gateway_pid)];
             let machine_before = machine_busy_seconds();
@@ -155,14 +156,16 @@ async fn bench(o: Options) -> anyhow::Result<()> {
                 &format!("{name}, round {round}"),
                 &url,
                 &script,
-                &activity,
+                &activity.to_string(),
             )?;
             let per_request = |seconds: f64| seconds * 1e6 / run.requests.max(1) as f64;
             let process = [
                 per_request(cpu_seconds(order_pid) - before[0]),
                 per_request(cpu_seconds(gateway_pid) - before[1]),
             ];
-            wait_for_drain(&order.management_url()).await?;
+            stores
+                .wait_for_drain(activity, Duration::from_secs(300))
+                .await?;
             let machine = per_request(machine_busy_seconds() - machine_before);
             cpu.push((run.name.clone(), process[0], process[1], machine));
             pair[i] = run.requests_per_sec;
@@ -172,7 +175,6 @@ async fn bench(o: Options) -> anyhow::Result<()> {
         rounds.push(pair);
         machine_rounds.push(machine_pair);
     }
-    wait_for_drain(&order.management_url()).await?;
     runs.push(wrk(
         &o,
         "gateway: sold out, short-circuit at the gateway",
@@ -276,41 +278,6 @@ fn by_round_and_median(values: &[f64]) -> String {
         n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     };
     format!("{} by round, median {median:.2}", shown.join(", "))
-}
-
-/// Waits until order-service's consumer has handled as many orders as order-service accepted, so
-/// the next run does not share the machine with the last one's backlog (and the machine's CPU
-/// counted for a run includes writing its orders).
-async fn wait_for_drain(management_url: &str) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        let text = http_client()
-            .get(format!("{management_url}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let accepted = sum_of(&text, "flash_sale_orders_total{", r#"outcome="accepted""#);
-        let handled = sum_of(&text, "flash_sale_consumer_orders_total{", "");
-        if handled >= accepted {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "order-service's consumer has handled {handled} of {accepted} orders after 5 minutes"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The sum of the samples of a metric (`prefix` is its name and the opening brace) whose labels
-/// contain `labels`.
-fn sum_of(text: &str, prefix: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix) && l.contains(labels))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 /// CPU time the whole machine has spent working so far, in seconds: user, nice, system, irq and

@@ -16,7 +16,6 @@
 //! `gateway_cluster_fallback` (0/1) and `gateway_cluster_fallback_decisions_total{resource}`
 //! say how long and how much was decided locally.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Duration;
@@ -67,16 +66,17 @@ pub struct ClusterLimiter {
     /// While set and in the future, the local share decides without trying Redis.
     retry_at: Mutex<Option<Instant>>,
     in_fallback: AtomicBool,
-    local: Mutex<HashMap<String, LocalShare>>,
     /// One per route, indexed by `RouteId as usize`.
-    leases: [ResourceLease; RouteId::ALL.len()],
+    routes: [RouteState; RouteId::ALL.len()],
 }
 
-/// One route's lease, and the lock that lets one refill run at a time.
+/// One route's lease, the lock that lets one refill run at a time, and its local share for
+/// when Redis cannot be reached.
 #[derive(Debug, Default)]
-struct ResourceLease {
+struct RouteState {
     book: Mutex<Lease>,
     refill: tokio::sync::Mutex<()>,
+    local: Mutex<Option<LocalShare>>,
 }
 
 /// What Redis answered to a lease request.
@@ -106,8 +106,7 @@ impl ClusterLimiter {
             replicas: AtomicUsize::new(settings.replicas_hint.max(1)),
             retry_at: Mutex::new(None),
             in_fallback: AtomicBool::new(false),
-            local: Mutex::new(HashMap::new()),
-            leases: Default::default(),
+            routes: Default::default(),
         };
         metrics::gauge!("gateway_cluster_replicas").set(this.replicas() as f64);
         this
@@ -139,7 +138,7 @@ impl ClusterLimiter {
     pub async fn acquire(&self, route: RouteId, rule: &ClusterRule) -> ClusterDecision {
         let resource = route.as_str();
         let needed = rule.requested_tokens;
-        let lease = &self.leases[route as usize];
+        let lease = &self.routes[route as usize];
         if let Some(decision) = lock(&lease.book).take(needed, Instant::now()) {
             return decision;
         }
@@ -176,12 +175,12 @@ impl ClusterLimiter {
         }
         metrics::counter!("gateway_cluster_fallback_decisions_total", "resource" => resource)
             .increment(1);
-        self.decide_locally(resource, rule, Instant::now())
+        self.decide_locally(route, rule, Instant::now())
     }
 
     /// The tokens this replica holds for `route` now (unexpired lease), for `/flow`.
     pub fn leased(&self, route: RouteId) -> u32 {
-        lock(&self.leases[route as usize].book).available(Instant::now())
+        lock(&self.routes[route as usize].book).available(Instant::now())
     }
 
     async fn call(
@@ -234,21 +233,14 @@ impl ClusterLimiter {
     }
 
     /// The local share of the bucket: `rate / replicas`, `burst / replicas`.
-    pub fn decide_locally(
-        &self,
-        resource: &str,
-        rule: &ClusterRule,
-        now: Instant,
-    ) -> ClusterDecision {
+    fn decide_locally(&self, route: RouteId, rule: &ClusterRule, now: Instant) -> ClusterDecision {
         let replicas = self.replicas();
-        let mut local = lock(&self.local);
-        let share = local
-            .entry(resource.to_owned())
-            .or_insert_with(|| LocalShare {
-                rule: rule.clone(),
-                replicas: 0,
-                bucket: TokenBucket::new(0.0, 0.0, now),
-            });
+        let mut local = lock(&self.routes[route as usize].local);
+        let share = local.get_or_insert_with(|| LocalShare {
+            rule: rule.clone(),
+            replicas: 0,
+            bucket: TokenBucket::new(0.0, 0.0, now),
+        });
         if share.rule != *rule || share.replicas != replicas {
             let n = replicas as f64;
             let rate = f64::from(rule.replenish_rate) / n;
