@@ -69,6 +69,10 @@ pub struct UpstreamSettings {
     /// How long opening a new connection may take; an upstream that is down answers at once
     /// (connection refused), one that is unreachable would otherwise hold the request.
     pub connect_timeout_ms: u64,
+    /// The longest answer body passed on. The gateway reads an answer whole before passing it
+    /// on (the services answer small JSON documents); a longer one is refused
+    /// `503 SERVICE_UNAVAILABLE` and logged.
+    pub max_response_bytes: usize,
 }
 
 impl Default for UpstreamSettings {
@@ -79,6 +83,7 @@ impl Default for UpstreamSettings {
             pool_max_idle_per_host: 1024,
             pool_idle_timeout_ms: 90_000,
             connect_timeout_ms: 1000,
+            max_response_bytes: 1024 * 1024,
         }
     }
 }

@@ -32,6 +32,8 @@ pub enum GatewayError {
     UpstreamUnreachable(Downstream),
     /// The connection failed after the request was sent: it may have been processed.
     UpstreamFailed(Downstream),
+    /// The answer was longer than `upstreams.max_response_bytes`: the request was processed.
+    UpstreamAnswerTooLarge(Downstream),
 }
 
 impl GatewayError {
@@ -39,7 +41,10 @@ impl GatewayError {
     pub fn is_upstream_failure(&self) -> bool {
         matches!(
             self,
-            Self::UpstreamTimeout(_) | Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_)
+            Self::UpstreamTimeout(_)
+                | Self::UpstreamUnreachable(_)
+                | Self::UpstreamFailed(_)
+                | Self::UpstreamAnswerTooLarge(_)
         )
     }
 }
@@ -88,6 +93,12 @@ impl IntoResponse for GatewayError {
                 ErrorCode::ServiceUnavailable,
                 format!(
                     "{downstream} failed before answering; the request may have been processed"
+                ),
+            ),
+            Self::UpstreamAnswerTooLarge(downstream) => ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "{downstream} answered with more than the gateway passes on; the request was processed"
                 ),
             ),
         };

@@ -1,19 +1,20 @@
-//! The way to the downstream services: one pooled keep-alive HTTP/1.1 client for both, a
-//! timeout per route, the request id passed on, hop-by-hop headers dropped, and the caller's
-//! identity set in `x-user-id` (whatever the client sent there is gone by now).
+//! The way to the downstream services: a pool of keep-alive HTTP/1.1 connections per upstream
+//! ([`pool`]), a timeout per route, the request id passed on, hop-by-hop headers dropped, and the
+//! caller's identity set in `x-user-id` (whatever the client sent there is gone by now).
+
+mod pool;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::http::uri::{Authority, Scheme};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::pool::{ExchangeError, Pool, PoolSettings};
 use crate::configuration::{RoutesSettings, UpstreamSettings};
 use crate::error::GatewayError;
 use crate::identity::Caller;
@@ -35,67 +36,97 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-#[derive(Debug, Clone)]
-struct Base {
-    scheme: Scheme,
-    authority: Authority,
+/// One upstream: where it is, its connections, and the `Host` its requests carry.
+#[derive(Debug)]
+struct Target {
+    base_url: String,
+    host: HeaderValue,
+    pool: Pool,
 }
 
-impl Base {
-    fn parse(what: &str, url: &str) -> anyhow::Result<Self> {
+impl Target {
+    fn new(
+        downstream: Downstream,
+        what: &str,
+        url: &str,
+        pool: PoolSettings,
+    ) -> anyhow::Result<Self> {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("upstreams.{what} is not a URL: {url}"))?;
-        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
         anyhow::ensure!(
-            scheme == Scheme::HTTP,
+            uri.scheme().is_none_or(|s| *s == Scheme::HTTP),
             "upstreams.{what}: only http:// is supported (the services talk plain HTTP inside the cluster)"
         );
-        let authority = uri
+        anyhow::ensure!(
+            uri.path_and_query().is_none_or(|p| p.as_str() == "/"),
+            "upstreams.{what} is a base URL (scheme, host and port), without a path: {url}"
+        );
+        let authority: Authority = uri
             .authority()
             .cloned()
             .with_context(|| format!("upstreams.{what} has no host: {url}"))?;
-        Ok(Self { scheme, authority })
+        let address = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
+        Ok(Self {
+            base_url: format!("http://{authority}"),
+            host: HeaderValue::from_str(authority.as_str())?,
+            pool: Pool::new(downstream.as_str(), address, pool),
+        })
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
-    order_service: Base,
-    inventory_service: Base,
+pub struct Upstream(Arc<Upstreams>);
+
+#[derive(Debug)]
+struct Upstreams {
+    order_service: Target,
+    inventory_service: Target,
     flash_sale_timeout: Duration,
     inventory_timeout: Duration,
+    /// The longest answer body passed on.
+    max_response_bytes: usize,
 }
 
 impl Upstream {
     pub fn new(upstreams: &UpstreamSettings, routes: &RoutesSettings) -> anyhow::Result<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(upstreams.connect_timeout_ms)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(upstreams.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(upstreams.pool_max_idle_per_host)
-            .build(connector);
-        Ok(Self {
-            client,
-            order_service: Base::parse("order_service", &upstreams.order_service)?,
-            inventory_service: Base::parse("inventory_service", &upstreams.inventory_service)?,
+        let pool = PoolSettings {
+            max_idle: upstreams.pool_max_idle_per_host,
+            idle_timeout: Duration::from_millis(upstreams.pool_idle_timeout_ms),
+            connect_timeout: Duration::from_millis(upstreams.connect_timeout_ms),
+        };
+        Ok(Self(Arc::new(Upstreams {
+            order_service: Target::new(
+                Downstream::OrderService,
+                "order_service",
+                &upstreams.order_service,
+                pool,
+            )?,
+            inventory_service: Target::new(
+                Downstream::InventoryService,
+                "inventory_service",
+                &upstreams.inventory_service,
+                pool,
+            )?,
             flash_sale_timeout: Duration::from_millis(routes.flash_sale.timeout_ms),
             inventory_timeout: Duration::from_millis(routes.inventory.timeout_ms),
-        })
+            max_response_bytes: upstreams.max_response_bytes,
+        })))
     }
 
-    fn target(&self, route: RouteId) -> (&Base, Duration) {
+    fn target(&self, route: RouteId) -> (&Target, Duration) {
         match route {
-            RouteId::FlashSale => (&self.order_service, self.flash_sale_timeout),
-            RouteId::Inventory => (&self.inventory_service, self.inventory_timeout),
+            RouteId::FlashSale => (&self.0.order_service, self.0.flash_sale_timeout),
+            RouteId::Inventory => (&self.0.inventory_service, self.0.inventory_timeout),
         }
     }
 
-    /// Sends the request to the route's upstream and returns its response head (the body
-    /// streams through). `peer`, the TCP peer, is appended to `X-Forwarded-For`.
+    /// Sends the request to the route's upstream and returns its whole answer. `peer`, the TCP
+    /// peer, is appended to `X-Forwarded-For`.
     #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
@@ -106,19 +137,16 @@ impl Upstream {
         body: Bytes,
         caller: Caller,
         peer: Option<IpAddr>,
-    ) -> Result<Response<Body>, GatewayError> {
-        let (base, timeout) = self.target(route);
+    ) -> Result<Response<Bytes>, GatewayError> {
+        let (target, timeout) = self.target(route);
         let downstream = route.downstream();
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = Uri::builder()
-            .scheme(base.scheme.clone())
-            .authority(base.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| GatewayError::UpstreamUnreachable(downstream))?;
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .map_or_else(|| Uri::from_static("/"), Uri::from);
 
         strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
+        headers.insert(header::HOST, target.host.clone());
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(USER_HEADER);
         if let Caller::User(user) = caller {
@@ -143,21 +171,28 @@ impl Upstream {
         };
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
-        *request.uri_mut() = uri;
+        *request.uri_mut() = path;
         *request.headers_mut() = headers;
 
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                return Err(if error.is_connect() {
-                    tracing::warn!(%downstream, request_id = request_id(), error = %error, "upstream unreachable");
-                    GatewayError::UpstreamUnreachable(downstream)
-                } else {
-                    tracing::warn!(%downstream, request_id = request_id(), error = %error, "upstream failed");
-                    GatewayError::UpstreamFailed(downstream)
-                });
+        let exchange = target
+            .pool
+            .exchange(request, self.0.max_response_bytes, timeout);
+        let response = match exchange.await {
+            Ok(response) => response,
+            Err(ExchangeError::Connect(error)) => {
+                tracing::warn!(%downstream, request_id = request_id(), %error, "upstream unreachable");
+                return Err(GatewayError::UpstreamUnreachable(downstream));
             }
-            Err(_) => {
+            Err(ExchangeError::TooLarge) => {
+                tracing::warn!(
+                    %downstream,
+                    request_id = request_id(),
+                    limit = self.0.max_response_bytes,
+                    "upstream answer longer than upstreams.max_response_bytes; not passed on"
+                );
+                return Err(GatewayError::UpstreamAnswerTooLarge(downstream));
+            }
+            Err(ExchangeError::TimedOut) => {
                 tracing::warn!(
                     %downstream,
                     request_id = request_id(),
@@ -166,18 +201,54 @@ impl Upstream {
                 );
                 return Err(GatewayError::UpstreamTimeout(downstream));
             }
+            Err(error) => {
+                let error = match error {
+                    ExchangeError::Http(error) => error.to_string(),
+                    other => format!("{other:?}"),
+                };
+                tracing::warn!(%downstream, request_id = request_id(), %error, "upstream failed");
+                return Err(GatewayError::UpstreamFailed(downstream));
+            }
         };
         let (mut head, body) = response.into_parts();
         strip_hop_by_hop(&mut head.headers);
-        Ok(Response::from_parts(head, Body::new(body)))
+        Ok(Response::from_parts(head, body))
     }
 
-    pub fn base_url(&self, downstream: Downstream) -> String {
-        let base = match downstream {
-            Downstream::OrderService => &self.order_service,
-            Downstream::InventoryService => &self.inventory_service,
-        };
-        format!("{}://{}", base.scheme, base.authority)
+    pub fn base_url(&self, downstream: Downstream) -> &str {
+        match downstream {
+            Downstream::OrderService => &self.0.order_service.base_url,
+            Downstream::InventoryService => &self.0.inventory_service.base_url,
+        }
+    }
+
+    /// Idle pooled connections to `downstream` now.
+    pub fn idle_connections(&self, downstream: Downstream) -> usize {
+        self.pool(downstream).counts().idle
+    }
+
+    /// Connections opened to `downstream` so far.
+    pub fn connections_opened(&self, downstream: Downstream) -> u64 {
+        self.pool(downstream).counts().opened
+    }
+
+    /// Requests to `downstream` that waited for a new connection and took one that came back
+    /// first.
+    pub fn connections_handed_over(&self, downstream: Downstream) -> u64 {
+        self.pool(downstream).counts().handed_over
+    }
+
+    /// Connections to `downstream` whose request was abandoned and that went back to the pool
+    /// once their answer was read.
+    pub fn connections_rescued(&self, downstream: Downstream) -> u64 {
+        self.pool(downstream).counts().rescued
+    }
+
+    fn pool(&self, downstream: Downstream) -> &Pool {
+        match downstream {
+            Downstream::OrderService => &self.0.order_service.pool,
+            Downstream::InventoryService => &self.0.inventory_service.pool,
+        }
     }
 }
 

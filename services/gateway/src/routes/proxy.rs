@@ -25,9 +25,6 @@ use crate::state::AppState;
 /// The buy path, whose body names the activity.
 pub const CREATE_ORDER_PATH: &str = "/api/flash-sale/order/create";
 
-/// Largest refusal body read back from order-service to learn a sold-out.
-const ANSWER_LIMIT: usize = 16 * 1024;
-
 pub(super) async fn to_order_service(State(state): State<AppState>, request: Request) -> Response {
     proxy(&state, RouteId::FlashSale, request).await
 }
@@ -103,7 +100,8 @@ async fn handle(
     match forwarded {
         Ok(response) => {
             let probe = admission.finish(response.status().is_server_error());
-            Ok(learn(state, route, &method, uri.path(), order, response, probe).await)
+            learn(state, route, &method, uri.path(), order, &response, probe);
+            Ok(response.map(Body::from))
         }
         Err(error) => {
             // A sold-out probe without an answer is abandoned: the next request probes.
@@ -194,22 +192,22 @@ fn client_ip(request: &Request, peer: Option<IpAddr>, hops: usize) -> Option<IpA
 
 /// Learns from the upstream's answer: a one-item order refused `SOLD_OUT` (or any order refused
 /// `SALE_ENDED`) marks the activity; a restock or warm-up through the inventory route lifts it.
-async fn learn(
+fn learn(
     state: &AppState,
     route: RouteId,
     method: &Method,
     path: &str,
     order: Option<OrderFacts>,
-    response: Response,
+    response: &Response<Bytes>,
     probe: Option<SoldOutProbe>,
-) -> Response {
+) {
     if route == RouteId::Inventory && *method == Method::POST && response.status().is_success() {
         if let Some(activity) = restocked_activity(path) {
             state.flow.sold_out().clear(activity);
         } else if path == "/api/inventory/warmup" {
             state.flow.sold_out().clear_all();
         }
-        return response;
+        return;
     }
     let Some(OrderFacts {
         activity: Some(activity),
@@ -217,24 +215,14 @@ async fn learn(
         ..
     }) = order
     else {
-        return response;
+        return;
     };
     if !state.flow.rules().current().sold_out().enabled {
-        return response;
+        return;
     }
-    if response.status() != StatusCode::CONFLICT {
-        if let Some(probe) = probe {
-            probe.open();
-        }
-        return response;
-    }
-    let (head, body) = response.into_parts();
-    let Ok(collected) = Limited::new(body, ANSWER_LIMIT).collect().await else {
-        return GatewayError::UpstreamFailed(route.downstream()).into_response();
-    };
-    let bytes = collected.to_bytes();
-    let code = serde_json::from_slice::<ErrorBody>(&bytes)
-        .ok()
+    let code = (response.status() == StatusCode::CONFLICT)
+        .then(|| serde_json::from_slice::<ErrorBody>(response.body()).ok())
+        .flatten()
         .map(|b| b.code);
     let remembered = match code.as_deref() {
         Some("SOLD_OUT") if single_item => Some(ErrorCode::SoldOut),
@@ -251,7 +239,6 @@ async fn learn(
         (None, Some(probe)) => probe.open(),
         (None, None) => {}
     }
-    Response::from_parts(head, Body::from(bytes))
 }
 
 /// `/api/inventory/activities/{id}/restock` or `/warmup`: the activity may have stock again.

@@ -82,4 +82,17 @@ fn a_gateway_without_a_token_key_refuses_to_start_unless_in_development_mode() {
     s.upstreams.order_service = "https://order-service".into();
     let error = gateway::state::AppState::build(&s).unwrap_err().to_string();
     assert!(error.contains("only http://"), "{error}");
+    s.upstreams.order_service = "http://order-service:8082/api".into();
+    let error = gateway::state::AppState::build(&s).unwrap_err().to_string();
+    assert!(error.contains("without a path"), "{error}");
+    for (url, base) in [
+        ("http://order-service", "http://order-service"),
+        ("http://order-service:8082/", "http://order-service:8082"),
+        ("10.0.0.7:8082", "http://10.0.0.7:8082"),
+    ] {
+        s.upstreams.order_service = url.into();
+        let state = gateway::state::AppState::build(&s).unwrap();
+        let order_service = gateway::resource::Downstream::OrderService;
+        assert_eq!(state.upstream.base_url(order_service), base);
+    }
 }

@@ -111,6 +111,10 @@ pub(crate) enum Behavior {
     Fail,
     /// Waits, then echoes.
     Slow(Duration),
+    /// 200 with a body of this many bytes.
+    Large(usize),
+    /// Echoes, and closes the connection after the answer (`Connection: close`).
+    CloseAfter,
 }
 
 #[derive(Clone)]
@@ -225,6 +229,7 @@ async fn upstream_handler(State(state): State<UpstreamState>, request: Request) 
         }
         Behavior::Fail => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         Behavior::Slow(delay) => tokio::time::sleep(delay).await,
+        Behavior::Large(len) => return vec![b'x'; len].into_response(),
         _ => {}
     }
     let status = if is_create {
@@ -232,7 +237,7 @@ async fn upstream_handler(State(state): State<UpstreamState>, request: Request) 
     } else {
         StatusCode::OK
     };
-    (
+    let mut response = (
         status,
         axum::Json(echo(
             &parts.method,
@@ -241,7 +246,14 @@ async fn upstream_handler(State(state): State<UpstreamState>, request: Request) 
             &body,
         )),
     )
-        .into_response()
+        .into_response();
+    if matches!(behavior, Behavior::CloseAfter) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 fn echo(method: &axum::http::Method, uri: String, headers: &HeaderMap, body: &Bytes) -> Value {

@@ -8,7 +8,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestGateway, TestUpstream, buy, client, eventually, metric, settings, token, write_rules,
+    Behavior, TestGateway, TestUpstream, buy, client, eventually, metric, settings, token,
+    write_rules,
 };
 
 fn rules_file(dir: &tempfile::TempDir, rules: &Rules) -> String {
@@ -40,10 +41,10 @@ async fn requests_flow_through_pooled_keep_alive_connections_and_show_on_metrics
         assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
     }
     assert_eq!(upstream.hits(), 30);
-    assert!(
-        upstream.connections() <= 5,
-        "30 sequential requests reuse pooled connections, {} were opened",
-        upstream.connections()
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "30 sequential requests reuse one pooled connection"
     );
 
     let text = gateway.metrics().await;
@@ -72,6 +73,295 @@ async fn requests_flow_through_pooled_keep_alive_connections_and_show_on_metrics
     assert_eq!(view["rules"]["flow"], json!([]));
     assert_eq!(view["cluster"]["connected"], false, "no Redis in this test");
     assert_eq!(view["in_flight"]["flash-sale-order"], 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn connections_the_upstream_closed_are_not_used_again() {
+    let mut upstream = TestUpstream::start().await;
+    let mut s = settings();
+    s.upstreams.order_service = upstream.url();
+    let dir = tempfile::tempdir().unwrap();
+    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
+    let gateway = TestGateway::spawn(s).await;
+    let http = client();
+    let idle = || {
+        gateway
+            .state
+            .upstream
+            .idle_connections(Downstream::OrderService)
+    };
+
+    assert_eq!(
+        buy(&http, &gateway, 1, 1).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(idle(), 1, "the connection went back to the pool");
+
+    // The upstream restarts: the pooled connection is closed while nobody uses it. The next
+    // request finds that out before sending and goes out on a new connection.
+    upstream.stop().await;
+    upstream.restart().await;
+    assert_eq!(
+        buy(&http, &gateway, 2, 1).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(upstream.connections(), 1);
+    assert_eq!(upstream.hits(), 2, "each buy reached the upstream once");
+
+    // An answer with `Connection: close` ends its connection: it is not pooled.
+    upstream.set(Behavior::CloseAfter);
+    assert_eq!(
+        buy(&http, &gateway, 3, 1).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(idle(), 0);
+    upstream.set(Behavior::Echo);
+    assert_eq!(
+        buy(&http, &gateway, 4, 1).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(upstream.connections(), 2);
+    assert_eq!(upstream.hits(), 4);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn the_pool_keeps_at_most_its_idle_limit_and_closes_what_idled_too_long() {
+    let upstream = TestUpstream::start().await;
+    let mut s = settings();
+    s.upstreams.order_service = upstream.url();
+    s.upstreams.pool_max_idle_per_host = 2;
+    s.upstreams.pool_idle_timeout_ms = 300;
+    let dir = tempfile::tempdir().unwrap();
+    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
+    let gateway = TestGateway::spawn(s).await;
+    let http = client();
+    let idle = || {
+        gateway
+            .state
+            .upstream
+            .idle_connections(Downstream::OrderService)
+    };
+
+    // Five at once need five connections; two of them stay.
+    upstream.set(Behavior::Slow(Duration::from_millis(100)));
+    let buys = (1..=5).map(|user| buy(&http, &gateway, user, 1));
+    for response in futures::future::join_all(buys).await {
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    assert_eq!(upstream.connections(), 5);
+    assert_eq!(idle(), 2);
+
+    // Sequential requests reuse them.
+    upstream.set(Behavior::Echo);
+    for user in 6..=8 {
+        assert_eq!(
+            buy(&http, &gateway, user, 1).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(upstream.connections(), 5);
+
+    // Idle longer than the timeout: not used again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        buy(&http, &gateway, 9, 1).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(upstream.connections(), 6);
+    assert_eq!(idle(), 1);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_its_client_abandons_leaves_its_connection_to_the_next() {
+    let upstream = TestUpstream::start().await;
+    let mut s = settings();
+    s.upstreams.order_service = upstream.url();
+    let dir = tempfile::tempdir().unwrap();
+    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
+    let gateway = TestGateway::spawn(s).await;
+    let pool = &gateway.state.upstream;
+    let order_service = Downstream::OrderService;
+
+    // The client gives up before the answer comes, and closes its connection to the gateway.
+    upstream.set(Behavior::Slow(Duration::from_millis(300)));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let abandoned = impatient
+        .post(gateway.url(crate::helpers::CREATE))
+        .bearer_auth(token(1))
+        .json(&json!({"userId": "1", "activityId": "1", "quantity": 1}))
+        .send()
+        .await;
+    assert!(abandoned.is_err_and(|e| e.is_timeout()));
+
+    // The gateway reads the answer nobody waits for, and the connection goes back to the pool.
+    let rescued = eventually(Duration::from_secs(5), || async {
+        pool.connections_rescued(order_service) == 1
+    })
+    .await;
+    assert!(rescued, "the abandoned exchange was finished");
+    assert_eq!(pool.idle_connections(order_service), 1);
+    upstream.set(Behavior::Echo);
+    assert_eq!(
+        buy(&client(), &gateway, 2, 1).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(upstream.hits(), 2);
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "the next request used the same connection"
+    );
+    assert_eq!(pool.connections_opened(order_service), 1);
+    gateway.stop().await;
+}
+
+/// A request that needs a new connection while the upstream's accept queue is full (its SYN is
+/// dropped and would be sent again only after a second) is served by the first connection that
+/// comes back.
+#[tokio::test]
+async fn a_request_waiting_for_a_new_connection_takes_one_that_comes_back_first() {
+    let upstream = OneConnectionUpstream::start(Duration::from_millis(600)).await;
+    let mut s = settings();
+    s.upstreams.order_service = format!("http://{}", upstream.address);
+    s.upstreams.connect_timeout_ms = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
+    let gateway = TestGateway::spawn(s).await;
+    let http = client();
+
+    let first = tokio::spawn({
+        let (http, url) = (http.clone(), gateway.url(crate::helpers::CREATE));
+        async move { post_order(&http, &url, 1).await }
+    });
+    upstream.accepted.notified().await;
+    let _fillers = upstream.fill_accept_queue().await;
+
+    let second = post_order(&http, &gateway.url(crate::helpers::CREATE), 2).await;
+    assert_eq!(second, StatusCode::ACCEPTED);
+    assert_eq!(first.await.unwrap(), StatusCode::ACCEPTED);
+    let pool = &gateway.state.upstream;
+    assert_eq!(pool.connections_handed_over(Downstream::OrderService), 1);
+    assert_eq!(pool.connections_opened(Downstream::OrderService), 1);
+    gateway.stop().await;
+}
+
+async fn post_order(http: &reqwest::Client, url: &str, user: i64) -> StatusCode {
+    http.post(url)
+        .bearer_auth(token(user))
+        .json(&json!({"userId": user.to_string(), "activityId": "1", "quantity": 1}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// An upstream that accepts one connection and no more, and answers `202 {}` on it after a
+/// delay.
+struct OneConnectionUpstream {
+    address: std::net::SocketAddr,
+    /// Notified once the one connection is accepted.
+    accepted: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl OneConnectionUpstream {
+    async fn start(delay: Duration) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A backlog of 0: one connection waiting to be accepted fills the queue.
+        let listener = socket.listen(0).unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = accepted.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            notify.notify_one();
+            let answer = hyper::service::service_fn(move |_request| async move {
+                tokio::time::sleep(delay).await;
+                let body = http_body_util::Full::new(axum::body::Bytes::from_static(b"{}"));
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder().status(202).body(body).unwrap(),
+                )
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), answer)
+                .await;
+            // The listener stays open, accepting nothing, as long as the test runs.
+            drop(listener);
+        });
+        Self { address, accepted }
+    }
+
+    /// Connects until a connection attempt hangs: the accept queue is full, and the next SYN
+    /// is dropped. The connections returned keep it full.
+    async fn fill_accept_queue(&self) -> Vec<tokio::net::TcpStream> {
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            let connecting = tokio::net::TcpStream::connect(self.address);
+            match tokio::time::timeout(Duration::from_millis(200), connecting).await {
+                Ok(connected) => fillers.push(connected.unwrap()),
+                Err(_) => return fillers,
+            }
+        }
+        panic!(
+            "the accept queue did not fill up after {} connections",
+            fillers.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_answer_longer_than_the_limit_is_refused_and_its_connection_dropped() {
+    let upstream = TestUpstream::start().await;
+    let mut s = settings();
+    s.upstreams.order_service = upstream.url();
+    s.upstreams.max_response_bytes = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
+    let gateway = TestGateway::spawn(s).await;
+    let http = client();
+    let get = || async {
+        http.get(gateway.url("/api/flash-sale/orders/1-abc"))
+            .bearer_auth(token(1))
+            .send()
+            .await
+            .unwrap()
+    };
+
+    upstream.set(Behavior::Large(4096));
+    let at_limit = get().await;
+    assert_eq!(at_limit.status(), StatusCode::OK);
+    assert_eq!(at_limit.bytes().await.unwrap().len(), 4096);
+
+    upstream.set(Behavior::Large(64 * 1024));
+    let over = get().await;
+    assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = over.json().await.unwrap();
+    assert_eq!(body["code"], "SERVICE_UNAVAILABLE");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("answered with more than the gateway passes on"),
+        "{body}"
+    );
+    assert_eq!(
+        gateway
+            .state
+            .upstream
+            .idle_connections(Downstream::OrderService),
+        0,
+        "the rest of that answer is still on its connection"
+    );
+
+    upstream.set(Behavior::Echo);
+    assert_eq!(get().await.status(), StatusCode::OK);
+    assert_eq!(upstream.connections(), 2);
     gateway.stop().await;
 }
 
