@@ -33,6 +33,11 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the gateway binary runs on (`src/main.rs`), so the gateway measured here costs
+/// what it costs in service.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 const CREATE: &str = "/api/flash-sale/order/create";
 

@@ -290,6 +290,38 @@ async fn hot_parameter_limits_act_per_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn hot_parameter_limits_remember_the_keys_of_one_window_not_every_key_seen() {
+    let rule = ParamRule {
+        resource: "flash-sale-order".into(),
+        param: ParamKind::User,
+        count: 1,
+        window_secs: 1,
+        burst: 0,
+        overrides: Default::default(),
+        max_keys: 10_000_000,
+    };
+    let limiter = ParamLimiter::new(&rule);
+    // 100,000 buyers, each once, 1,000 every 100 ms: about 10,000 are within their window at
+    // any time.
+    for batch in 0..100 {
+        let now = Instant::now();
+        for user in 0..1000 {
+            let key = format!("user-{}", batch * 1000 + user);
+            assert!(limiter.try_acquire(&key, now).is_ok());
+            assert!(limiter.try_acquire(&key, now).is_err(), "once per window");
+        }
+        advance(Duration::from_millis(100)).await;
+    }
+    let keys = limiter.keys();
+    assert!(
+        (10_000..=30_000).contains(&keys),
+        "the buckets of the last window or two are kept, not 100,000: {keys}"
+    );
+    // The last buyers are still held to their limit.
+    assert!(limiter.try_acquire("user-99999", Instant::now()).is_err());
+}
+
+#[tokio::test(start_paused = true)]
 async fn adaptive_protection_sheds_beyond_max_throughput_times_min_latency() {
     let rule = SystemRule {
         adaptive: true,
