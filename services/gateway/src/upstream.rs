@@ -14,6 +14,7 @@ use axum::http::uri::{Authority, Scheme};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::Full;
 
+pub use self::pool::PoolCounts;
 use self::pool::{ExchangeError, Pool, PoolSettings};
 use crate::configuration::{RoutesSettings, UpstreamSettings};
 use crate::error::GatewayError;
@@ -45,12 +46,9 @@ struct Target {
 }
 
 impl Target {
-    fn new(
-        downstream: Downstream,
-        what: &str,
-        url: &str,
-        pool: PoolSettings,
-    ) -> anyhow::Result<Self> {
+    fn new(downstream: Downstream, url: &str, pool: PoolSettings) -> anyhow::Result<Self> {
+        // The setting's name, for messages: `upstreams.order_service`.
+        let what = downstream.as_str().replace('-', "_");
         let uri: Uri = url
             .parse()
             .with_context(|| format!("upstreams.{what} is not a URL: {url}"))?;
@@ -100,15 +98,9 @@ impl Upstream {
             connect_timeout: Duration::from_millis(upstreams.connect_timeout_ms),
         };
         Ok(Self(Arc::new(Upstreams {
-            order_service: Target::new(
-                Downstream::OrderService,
-                "order_service",
-                &upstreams.order_service,
-                pool,
-            )?,
+            order_service: Target::new(Downstream::OrderService, &upstreams.order_service, pool)?,
             inventory_service: Target::new(
                 Downstream::InventoryService,
-                "inventory_service",
                 &upstreams.inventory_service,
                 pool,
             )?,
@@ -118,10 +110,17 @@ impl Upstream {
         })))
     }
 
-    fn target(&self, route: RouteId) -> (&Target, Duration) {
+    fn target(&self, downstream: Downstream) -> &Target {
+        match downstream {
+            Downstream::OrderService => &self.0.order_service,
+            Downstream::InventoryService => &self.0.inventory_service,
+        }
+    }
+
+    fn timeout(&self, route: RouteId) -> Duration {
         match route {
-            RouteId::FlashSale => (&self.0.order_service, self.0.flash_sale_timeout),
-            RouteId::Inventory => (&self.0.inventory_service, self.0.inventory_timeout),
+            RouteId::FlashSale => self.0.flash_sale_timeout,
+            RouteId::Inventory => self.0.inventory_timeout,
         }
     }
 
@@ -138,8 +137,8 @@ impl Upstream {
         caller: Caller,
         peer: Option<IpAddr>,
     ) -> Result<Response<Bytes>, GatewayError> {
-        let (target, timeout) = self.target(route);
         let downstream = route.downstream();
+        let (target, timeout) = (self.target(downstream), self.timeout(route));
         let path = uri
             .path_and_query()
             .cloned()
@@ -216,39 +215,12 @@ impl Upstream {
     }
 
     pub fn base_url(&self, downstream: Downstream) -> &str {
-        match downstream {
-            Downstream::OrderService => &self.0.order_service.base_url,
-            Downstream::InventoryService => &self.0.inventory_service.base_url,
-        }
+        &self.target(downstream).base_url
     }
 
-    /// Idle pooled connections to `downstream` now.
-    pub fn idle_connections(&self, downstream: Downstream) -> usize {
-        self.pool(downstream).counts().idle
-    }
-
-    /// Connections opened to `downstream` so far.
-    pub fn connections_opened(&self, downstream: Downstream) -> u64 {
-        self.pool(downstream).counts().opened
-    }
-
-    /// Requests to `downstream` that waited for a new connection and took one that came back
-    /// first.
-    pub fn connections_handed_over(&self, downstream: Downstream) -> u64 {
-        self.pool(downstream).counts().handed_over
-    }
-
-    /// Connections to `downstream` whose request was abandoned and that went back to the pool
-    /// once their answer was read.
-    pub fn connections_rescued(&self, downstream: Downstream) -> u64 {
-        self.pool(downstream).counts().rescued
-    }
-
-    fn pool(&self, downstream: Downstream) -> &Pool {
-        match downstream {
-            Downstream::OrderService => &self.0.order_service.pool,
-            Downstream::InventoryService => &self.0.inventory_service.pool,
-        }
+    /// What the pool of connections to `downstream` holds and has done so far.
+    pub fn pool_counts(&self, downstream: Downstream) -> PoolCounts {
+        self.target(downstream).pool.counts()
     }
 }
 

@@ -67,17 +67,17 @@ pub(super) struct PoolSettings {
     pub(super) connect_timeout: Duration,
 }
 
-/// What counts of the pool's work, for tests and metrics.
+/// What a pool holds and has done (`gateway_upstream_connections_total` counts the same events).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct PoolCounts {
+pub struct PoolCounts {
     /// Connections kept idle now.
-    pub(super) idle: usize,
+    pub idle: usize,
     /// Connections opened so far.
-    pub(super) opened: u64,
-    /// Requests that waited for a connection and were served by one that came back first.
-    pub(super) handed_over: u64,
+    pub opened: u64,
+    /// Requests that waited for a new connection and were served by one that came back first.
+    pub handed_over: u64,
     /// Connections whose request was abandoned, then finished and pooled again.
-    pub(super) rescued: u64,
+    pub rescued: u64,
 }
 
 /// The connections to one upstream `host:port`.

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use gateway::Settings;
 use gateway::resource::Downstream;
 use gateway::rules::{BreakerRule, BreakerStrategy, ParamKind, ParamRule, Rules};
+use gateway::upstream::PoolCounts;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -20,6 +22,25 @@ fn rules_file(dir: &tempfile::TempDir, rules: &Rules) -> String {
 
 fn toml_of(rules: &Rules) -> String {
     toml::to_string(rules).unwrap()
+}
+
+/// A gateway without rules in front of `order_service`, with `configure` applied to its
+/// settings. Its rule file lives as long as the directory returned with it.
+async fn gateway_without_rules(
+    order_service: String,
+    configure: impl FnOnce(&mut Settings),
+) -> (TestGateway, tempfile::TempDir) {
+    let mut s = settings();
+    s.upstreams.order_service = order_service;
+    configure(&mut s);
+    let dir = tempfile::tempdir().unwrap();
+    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
+    (TestGateway::spawn(s).await, dir)
+}
+
+/// The gateway's pool of connections to order-service.
+fn pool(gateway: &TestGateway) -> PoolCounts {
+    gateway.state.upstream.pool_counts(Downstream::OrderService)
 }
 
 #[tokio::test]
@@ -79,24 +100,18 @@ async fn requests_flow_through_pooled_keep_alive_connections_and_show_on_metrics
 #[tokio::test]
 async fn connections_the_upstream_closed_are_not_used_again() {
     let mut upstream = TestUpstream::start().await;
-    let mut s = settings();
-    s.upstreams.order_service = upstream.url();
-    let dir = tempfile::tempdir().unwrap();
-    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
-    let gateway = TestGateway::spawn(s).await;
+    let (gateway, _rules) = gateway_without_rules(upstream.url(), |_| {}).await;
     let http = client();
-    let idle = || {
-        gateway
-            .state
-            .upstream
-            .idle_connections(Downstream::OrderService)
-    };
 
     assert_eq!(
         buy(&http, &gateway, 1, 1).await.status(),
         StatusCode::ACCEPTED
     );
-    assert_eq!(idle(), 1, "the connection went back to the pool");
+    assert_eq!(
+        pool(&gateway).idle,
+        1,
+        "the connection went back to the pool"
+    );
 
     // The upstream restarts: the pooled connection is closed while nobody uses it. The next
     // request finds that out before sending and goes out on a new connection.
@@ -115,7 +130,7 @@ async fn connections_the_upstream_closed_are_not_used_again() {
         buy(&http, &gateway, 3, 1).await.status(),
         StatusCode::ACCEPTED
     );
-    assert_eq!(idle(), 0);
+    assert_eq!(pool(&gateway).idle, 0);
     upstream.set(Behavior::Echo);
     assert_eq!(
         buy(&http, &gateway, 4, 1).await.status(),
@@ -129,20 +144,12 @@ async fn connections_the_upstream_closed_are_not_used_again() {
 #[tokio::test]
 async fn the_pool_keeps_at_most_its_idle_limit_and_closes_what_idled_too_long() {
     let upstream = TestUpstream::start().await;
-    let mut s = settings();
-    s.upstreams.order_service = upstream.url();
-    s.upstreams.pool_max_idle_per_host = 2;
-    s.upstreams.pool_idle_timeout_ms = 300;
-    let dir = tempfile::tempdir().unwrap();
-    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
-    let gateway = TestGateway::spawn(s).await;
+    let (gateway, _rules) = gateway_without_rules(upstream.url(), |s| {
+        s.upstreams.pool_max_idle_per_host = 2;
+        s.upstreams.pool_idle_timeout_ms = 300;
+    })
+    .await;
     let http = client();
-    let idle = || {
-        gateway
-            .state
-            .upstream
-            .idle_connections(Downstream::OrderService)
-    };
 
     // Five at once need five connections; two of them stay.
     upstream.set(Behavior::Slow(Duration::from_millis(100)));
@@ -151,7 +158,7 @@ async fn the_pool_keeps_at_most_its_idle_limit_and_closes_what_idled_too_long() 
         assert_eq!(response.status(), StatusCode::ACCEPTED);
     }
     assert_eq!(upstream.connections(), 5);
-    assert_eq!(idle(), 2);
+    assert_eq!(pool(&gateway).idle, 2);
 
     // Sequential requests reuse them.
     upstream.set(Behavior::Echo);
@@ -170,20 +177,14 @@ async fn the_pool_keeps_at_most_its_idle_limit_and_closes_what_idled_too_long() 
         StatusCode::ACCEPTED
     );
     assert_eq!(upstream.connections(), 6);
-    assert_eq!(idle(), 1);
+    assert_eq!(pool(&gateway).idle, 1);
     gateway.stop().await;
 }
 
 #[tokio::test]
 async fn a_request_its_client_abandons_leaves_its_connection_to_the_next() {
     let upstream = TestUpstream::start().await;
-    let mut s = settings();
-    s.upstreams.order_service = upstream.url();
-    let dir = tempfile::tempdir().unwrap();
-    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
-    let gateway = TestGateway::spawn(s).await;
-    let pool = &gateway.state.upstream;
-    let order_service = Downstream::OrderService;
+    let (gateway, _rules) = gateway_without_rules(upstream.url(), |_| {}).await;
 
     // The client gives up before the answer comes, and closes its connection to the gateway.
     upstream.set(Behavior::Slow(Duration::from_millis(300)));
@@ -201,11 +202,11 @@ async fn a_request_its_client_abandons_leaves_its_connection_to_the_next() {
 
     // The gateway reads the answer nobody waits for, and the connection goes back to the pool.
     let rescued = eventually(Duration::from_secs(5), || async {
-        pool.connections_rescued(order_service) == 1
+        pool(&gateway).rescued == 1
     })
     .await;
     assert!(rescued, "the abandoned exchange was finished");
-    assert_eq!(pool.idle_connections(order_service), 1);
+    assert_eq!(pool(&gateway).idle, 1);
     upstream.set(Behavior::Echo);
     assert_eq!(
         buy(&client(), &gateway, 2, 1).await.status(),
@@ -217,7 +218,7 @@ async fn a_request_its_client_abandons_leaves_its_connection_to_the_next() {
         1,
         "the next request used the same connection"
     );
-    assert_eq!(pool.connections_opened(order_service), 1);
+    assert_eq!(pool(&gateway).opened, 1);
     gateway.stop().await;
 }
 
@@ -227,38 +228,22 @@ async fn a_request_its_client_abandons_leaves_its_connection_to_the_next() {
 #[tokio::test]
 async fn a_request_waiting_for_a_new_connection_takes_one_that_comes_back_first() {
     let upstream = OneConnectionUpstream::start(Duration::from_millis(600)).await;
-    let mut s = settings();
-    s.upstreams.order_service = format!("http://{}", upstream.address);
-    s.upstreams.connect_timeout_ms = 5_000;
-    let dir = tempfile::tempdir().unwrap();
-    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
-    let gateway = TestGateway::spawn(s).await;
+    let (gateway, _rules) = gateway_without_rules(format!("http://{}", upstream.address), |s| {
+        s.upstreams.connect_timeout_ms = 5_000;
+    })
+    .await;
     let http = client();
 
-    let first = tokio::spawn({
-        let (http, url) = (http.clone(), gateway.url(crate::helpers::CREATE));
-        async move { post_order(&http, &url, 1).await }
+    let (first, second) = tokio::join!(buy(&http, &gateway, 1, 1), async {
+        upstream.accepted.notified().await;
+        let _fillers = upstream.fill_accept_queue().await;
+        buy(&http, &gateway, 2, 1).await
     });
-    upstream.accepted.notified().await;
-    let _fillers = upstream.fill_accept_queue().await;
-
-    let second = post_order(&http, &gateway.url(crate::helpers::CREATE), 2).await;
-    assert_eq!(second, StatusCode::ACCEPTED);
-    assert_eq!(first.await.unwrap(), StatusCode::ACCEPTED);
-    let pool = &gateway.state.upstream;
-    assert_eq!(pool.connections_handed_over(Downstream::OrderService), 1);
-    assert_eq!(pool.connections_opened(Downstream::OrderService), 1);
+    assert_eq!(second.status(), StatusCode::ACCEPTED);
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    assert_eq!(pool(&gateway).handed_over, 1);
+    assert_eq!(pool(&gateway).opened, 1);
     gateway.stop().await;
-}
-
-async fn post_order(http: &reqwest::Client, url: &str, user: i64) -> StatusCode {
-    http.post(url)
-        .bearer_auth(token(user))
-        .json(&json!({"userId": user.to_string(), "activityId": "1", "quantity": 1}))
-        .send()
-        .await
-        .unwrap()
-        .status()
 }
 
 /// An upstream that accepts one connection and no more, and answers `202 {}` on it after a
@@ -318,12 +303,10 @@ impl OneConnectionUpstream {
 #[tokio::test]
 async fn an_answer_longer_than_the_limit_is_refused_and_its_connection_dropped() {
     let upstream = TestUpstream::start().await;
-    let mut s = settings();
-    s.upstreams.order_service = upstream.url();
-    s.upstreams.max_response_bytes = 4096;
-    let dir = tempfile::tempdir().unwrap();
-    s.rules.file = Some(rules_file(&dir, &crate::helpers::no_rules()));
-    let gateway = TestGateway::spawn(s).await;
+    let (gateway, _rules) = gateway_without_rules(upstream.url(), |s| {
+        s.upstreams.max_response_bytes = 4096;
+    })
+    .await;
     let http = client();
     let get = || async {
         http.get(gateway.url("/api/flash-sale/orders/1-abc"))
@@ -351,10 +334,7 @@ async fn an_answer_longer_than_the_limit_is_refused_and_its_connection_dropped()
         "{body}"
     );
     assert_eq!(
-        gateway
-            .state
-            .upstream
-            .idle_connections(Downstream::OrderService),
+        pool(&gateway).idle,
         0,
         "the rest of that answer is still on its connection"
     );
