@@ -21,7 +21,9 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, Method, Response};
 use axum::response::IntoResponse;
+use axum::serve::{ListenerExt, TapIo};
 use metrics::{Counter, Gauge, Histogram};
+use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -53,6 +55,21 @@ pub fn with_common_layers(router: Router, body_limit: usize) -> Router {
                 .layer(CatchPanicLayer::custom(panic_response))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
+}
+
+/// The app listener: every accepted connection sends small writes at once (`TCP_NODELAY`), so
+/// that an answer leaving in two writes (head, then a body produced later) never waits for the
+/// client's delayed ACK, up to 40 ms on Linux. Connections keep the peer address for
+/// `ConnectInfo`.
+pub fn no_delay(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
+    listener.tap_io(set_no_delay)
+}
+
+fn set_no_delay(stream: &mut TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        // The connection still works, only with Nagle's algorithm on.
+        tracing::debug!(%error, "TCP_NODELAY not set on an accepted connection");
+    }
 }
 
 fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response<axum::body::Body> {
@@ -229,6 +246,24 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_small_writes_at_once() {
+        use axum::serve::Listener;
+
+        let mut listener = no_delay(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let address = listener.local_addr().unwrap();
+        let client = TcpStream::connect(address).await.unwrap();
+        let (accepted, peer) = listener.accept().await;
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert!(accepted.nodelay().unwrap());
+        // A socket accepted without the tap keeps the kernel's default.
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(plain.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert!(!plain.accept().await.unwrap().0.nodelay().unwrap());
+    }
 
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()

@@ -83,7 +83,7 @@ impl Application {
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let result = axum::serve(
-                listener,
+                flash_sale_common::http::no_delay(listener),
                 app.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(stop.cancelled_owned())

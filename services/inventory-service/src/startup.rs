@@ -82,7 +82,7 @@ impl Application {
         let jobs = tokio::spawn(run_jobs(self.state.clone(), shutdown.clone()));
         readiness.set_ready(true);
         tracing::info!("inventory-service ready");
-        let served = axum::serve(self.listener, app)
+        let served = axum::serve(flash_sale_common::http::no_delay(self.listener), app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await;
         readiness.set_ready(false);

@@ -116,7 +116,7 @@ impl Application {
         let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            let result = axum::serve(listener, app)
+            let result = axum::serve(flash_sale_common::http::no_delay(listener), app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
             ("http server", result.map_err(Into::into))
