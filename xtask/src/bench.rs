@@ -3,19 +3,21 @@
 //! call through one multiplexed connection (the reference point). Load comes from `wrk`
 //! (a separate process, 2 threads), on 127.0.0.1 only, for a bounded time.
 //!
-//! The accepted-order load runs straight at order-service and through the gateway in
-//! alternating rounds (`--rounds`), each on a fresh activity and each after the consumer has
-//! written every earlier order to MySQL, so no run inherits another's backlog.
+//! The accepted-order load runs in rounds (`--rounds`) of three: straight at order-service,
+//! through a bare proxy (`services/gateway/examples/bare_proxy.rs`: what any HTTP hop costs on
+//! this machine) and through the gateway; each run on a fresh activity and after the consumer
+//! has written every earlier order to MySQL, so no run inherits another's backlog.
 
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::routing::post;
 use flash_sale_tests::apps::http_client;
 use flash_sale_tests::scenario::{Admin, Stores};
-use flash_sale_tests::stack::{BrokerStorage, Stack};
+use flash_sale_tests::stack::{BrokerStorage, Stack, free_port};
 
 use crate::services::{self, LOCAL_ADMIN_TOKEN};
 
@@ -53,10 +55,18 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     crate::setup::run()?;
     services::build()?;
-    tokio::runtime::Runtime::new()?.block_on(bench(o))
+    let bare_proxy = services::build_example("gateway", "bare_proxy")?;
+    tokio::runtime::Runtime::new()?.block_on(bench(o, &bare_proxy))
 }
 
-async fn bench(o: Options) -> anyhow::Result<()> {
+/// The accepted-order runs of a round, in the order they run.
+const ARMS: [&str; 3] = [
+    "order-service: accepted (reserve + publish + ack)",
+    "bare proxy -> order-service: accepted",
+    "gateway -> order-service: accepted",
+];
+
+async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
     let root = services::workspace_root().join("target/flash-sale");
     let stack = Stack::start_in(BrokerStorage::Memory, Some(&root), false).await?;
     let info = stack.info().clone();
@@ -82,7 +92,7 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     admin.create_activity(1, 0).await?; // sold out from the start
     // Accepted-order runs, each on its own activity (wrk's users repeat from run to run), with
     // stock no run exhausts.
-    let accepted_activities = (0..o.rounds * 2).map(|i| 10 + i64::from(i));
+    let accepted_activities = (0..o.rounds * ARMS.len() as u32).map(|i| 10 + i64::from(i));
     for activity in accepted_activities.clone() {
         admin.create_activity(activity, 10_000_000).await?;
     }
@@ -127,53 +137,49 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     let gateway_pid = child.id();
     children.push(child);
 
+    // The same order-service behind the least a proxy can do.
+    let (child, bare) = start_bare_proxy(bare_proxy, &order.url(), &info.dir)?;
+    let bare_pid = child.id();
+    children.push(child);
+
+    // Per round, the accepted rate of each arm. Per accepted run: its name, the CPU per request
+    // of order-service, the bare proxy and the gateway, and of the whole machine from the start
+    // of the run until its orders were written.
     let mut rounds = Vec::new();
-    // Per accepted run: its name, then CPU per request of order-service, of the gateway, and of
-    // the whole machine from the start of the run until its orders were written.
     let mut cpu = Vec::new();
     let mut machine_rounds = Vec::new();
     let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
     let mut activities = accepted_activities;
+    let pids = [order_pid, bare_pid, gateway_pid];
+    let urls = [order.url(), bare, gateway.url()];
     for round in 1..=o.rounds {
-        let mut pair = [0.0; 2];
-        let mut machine_pair = [0.0; 2];
-        for (i, (name, url)) in [
-            (
-                "order-service: accepted (reserve + publish + ack)",
-                order.url(),
-            ),
-            ("gateway -> order-service: accepted", gateway.url()),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        let mut rates = [0.0; ARMS.len()];
+        let mut machine = [0.0; ARMS.len()];
+        for (i, (arm, url)) in ARMS.iter().zip(&urls).enumerate() {
             // Every earlier run's orders are in MySQL (waited for below): no run inherits a backlog.
             let activity = activities.next().context("one activity per run")?;
-            let before = [cpu_seconds(order_pid), cpu_seconds(gateway_pid)];
+            let before = pids.map(cpu_seconds);
             let machine_before = machine_busy_seconds();
             let run = wrk(
                 &o,
-                &format!("{name}, round {round}"),
-                &url,
+                &format!("{arm}, round {round}"),
+                url,
                 &script,
                 &activity.to_string(),
             )?;
             let per_request = |seconds: f64| seconds * 1e6 / run.requests.max(1) as f64;
-            let process = [
-                per_request(cpu_seconds(order_pid) - before[0]),
-                per_request(cpu_seconds(gateway_pid) - before[1]),
-            ];
+            let after = pids.map(cpu_seconds);
+            let process: [f64; 3] = std::array::from_fn(|p| per_request(after[p] - before[p]));
             stores
                 .wait_for_drain(activity, Duration::from_secs(300))
                 .await?;
-            let machine = per_request(machine_busy_seconds() - machine_before);
-            cpu.push((run.name.clone(), process[0], process[1], machine));
-            pair[i] = run.requests_per_sec;
-            machine_pair[i] = machine;
+            machine[i] = per_request(machine_busy_seconds() - machine_before);
+            cpu.push((run.name.clone(), process, machine[i]));
+            rates[i] = run.requests_per_sec;
             runs.push(run);
         }
-        rounds.push(pair);
-        machine_rounds.push(machine_pair);
+        rounds.push(rates);
+        machine_rounds.push(machine);
     }
     runs.push(wrk(
         &o,
@@ -235,10 +241,15 @@ async fn bench(o: Options) -> anyhow::Result<()> {
             r.non_2xx_3xx
         );
     }
-    let ratios: Vec<f64> = rounds.iter().map(|[direct, via]| via / direct).collect();
+    let shares = |f: fn(&[f64; 3]) -> f64| -> String {
+        by_round_and_median(&rounds.iter().map(f).collect::<Vec<_>>())
+    };
+    println!("\naccepted orders, as a share of straight at order-service:");
+    println!("  through the bare proxy: {}", shares(|r| r[1] / r[0]));
+    println!("  through the gateway:    {}", shares(|r| r[2] / r[0]));
     println!(
-        "\ngateway -> order-service, accepted, as a share of straight at order-service: {}",
-        by_round_and_median(&ratios)
+        "accepted orders through the gateway, as a share of through the bare proxy: {}",
+        shares(|r| r[2] / r[1])
     );
     println!(
         "\nCPU per request, in microseconds: each process's (user + system, /proc/<pid>/stat), and the"
@@ -246,15 +257,12 @@ async fn bench(o: Options) -> anyhow::Result<()> {
     println!(
         "whole machine's from the start of the run until its orders were written (/proc/stat, steal excluded):\n"
     );
-    println!("| run | order-service | gateway | machine |");
-    println!("|---|---:|---:|---:|");
-    for (name, order_us, gateway_us, machine_us) in &cpu {
-        println!("| {name} | {order_us:.1} | {gateway_us:.1} | {machine_us:.1} |");
+    println!("| run | order-service | bare proxy | gateway | machine |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, [order_us, bare_us, gateway_us], machine_us) in &cpu {
+        println!("| {name} | {order_us:.1} | {bare_us:.1} | {gateway_us:.1} | {machine_us:.1} |");
     }
-    let costs: Vec<f64> = machine_rounds
-        .iter()
-        .map(|[direct, via]| direct / via)
-        .collect();
+    let costs: Vec<f64> = machine_rounds.iter().map(|m| m[0] / m[2]).collect();
     println!(
         "\nmachine CPU per order straight at order-service, as a share of that through the gateway: {}",
         by_round_and_median(&costs)
@@ -398,6 +406,36 @@ fn wrk(
         p99_ms: ms(number_after("99%")),
         non_2xx_3xx: non_ok,
     })
+}
+
+/// Starts the bare proxy in front of `upstream` on a free port, logging to `<dir>/bare-proxy.log`;
+/// its URL once it accepts connections.
+fn start_bare_proxy(binary: &Path, upstream: &str, dir: &Path) -> anyhow::Result<(Child, String)> {
+    let address = format!("127.0.0.1:{}", free_port()?);
+    let log = std::fs::File::create(dir.join("bare-proxy.log"))?;
+    let mut child = Command::new(binary)
+        .env("BARE_PROXY_LISTEN", &address)
+        .env("BARE_PROXY_UPSTREAM", upstream)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&address).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the bare proxy exited with {status}; see {}",
+                dir.join("bare-proxy.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            services::stop(&mut child);
+            bail!("the bare proxy did not listen on {address} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, format!("http://{address}")))
 }
 
 /// CPU time (user + system) the process has used so far, in seconds; 0 if it cannot be read.

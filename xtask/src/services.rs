@@ -72,9 +72,7 @@ pub(crate) fn build() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("building the services (release)...");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace_root())
-        .args(["build", "--release", "--quiet"]);
+    let mut cmd = cargo_build();
     for s in BINARIES {
         cmd.args(["-p", s]);
     }
@@ -85,13 +83,36 @@ pub(crate) fn build() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo build --release` of one example of the workspace (the bench's bare proxy); its path.
+pub(crate) fn build_example(package: &str, example: &str) -> anyhow::Result<PathBuf> {
+    let status = cargo_build()
+        .args(["-p", package, "--example", example])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building the example {example} of {package} failed");
+    }
+    Ok(release_dir().join("examples").join(example))
+}
+
+fn cargo_build() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root())
+        .args(["build", "--release", "--quiet"]);
+    cmd
+}
+
+fn release_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+        .join("release")
+}
+
 fn binary(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         return PathBuf::from(dir).join(name);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    target.join("release").join(name)
+    release_dir().join(name)
 }
 
 /// Starts one service against `stack`, logging to `<stack dir>/<name>.log`, and waits until it

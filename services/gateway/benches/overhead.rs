@@ -13,6 +13,9 @@
 //! taken in turn by the runs; `BENCH_CONNECTIONS` (default 64); `BENCH_ONLY=gateway,short`
 //! picks runs (`direct`, `hop`, `routing`, `gateway`, `bare`, `short`), for a profiler.
 
+#[path = "support/bare_proxy.rs"]
+mod bare_proxy;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -196,30 +199,9 @@ async fn serve(app: Router) -> anyhow::Result<String> {
     Ok(url)
 }
 
-/// The least a proxy can do: one axum handler forwarding with the same pooled hyper client,
-/// no layers, no checks. What separates it from the gateway is the gateway's own work.
+/// [`bare_proxy::router`] in front of `upstream`.
 async fn bare_proxy(upstream: &str) -> anyhow::Result<String> {
-    let client: Client<HttpConnector, axum::body::Body> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let upstream: axum::http::Uri = upstream.parse()?;
-    let app = Router::new().route(
-        CREATE,
-        post(move |request: axum::extract::Request| {
-            let (client, upstream) = (client.clone(), upstream.clone());
-            async move {
-                let (mut parts, body) = request.into_parts();
-                let mut uri = upstream.into_parts();
-                uri.path_and_query = parts.uri.path_and_query().cloned();
-                parts.uri = axum::http::Uri::from_parts(uri).unwrap();
-                parts.headers.remove(header::HOST);
-                match client.request(Request::from_parts(parts, body)).await {
-                    Ok(response) => response.map(axum::body::Body::new).into_response(),
-                    Err(_) => StatusCode::BAD_GATEWAY.into_response(),
-                }
-            }
-        }),
-    );
-    serve(app).await
+    serve(bare_proxy::router(upstream.parse()?)).await
 }
 
 /// A gateway in front of `upstream`: with `checks`, the token check and every rule type on,
