@@ -59,7 +59,10 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(bench(o, &bare_proxy))
 }
 
-/// The accepted-order runs of a round, in the order they run.
+/// The accepted-order runs of a round, in the order they run, and their places in it.
+const DIRECT: usize = 0;
+const BARE: usize = 1;
+const GATEWAY: usize = 2;
 const ARMS: [&str; 3] = [
     "order-service: accepted (reserve + publish + ack)",
     "bare proxy -> order-service: accepted",
@@ -245,11 +248,17 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
         by_round_and_median(&rounds.iter().map(f).collect::<Vec<_>>())
     };
     println!("\naccepted orders, as a share of straight at order-service:");
-    println!("  through the bare proxy: {}", shares(|r| r[1] / r[0]));
-    println!("  through the gateway:    {}", shares(|r| r[2] / r[0]));
+    println!(
+        "  through the bare proxy: {}",
+        shares(|r| r[BARE] / r[DIRECT])
+    );
+    println!(
+        "  through the gateway:    {}",
+        shares(|r| r[GATEWAY] / r[DIRECT])
+    );
     println!(
         "accepted orders through the gateway, as a share of through the bare proxy: {}",
-        shares(|r| r[2] / r[1])
+        shares(|r| r[GATEWAY] / r[BARE])
     );
     println!(
         "\nCPU per request, in microseconds: each process's (user + system, /proc/<pid>/stat), and the"
@@ -262,7 +271,10 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
     for (name, [order_us, bare_us, gateway_us], machine_us) in &cpu {
         println!("| {name} | {order_us:.1} | {bare_us:.1} | {gateway_us:.1} | {machine_us:.1} |");
     }
-    let costs: Vec<f64> = machine_rounds.iter().map(|m| m[0] / m[2]).collect();
+    let costs: Vec<f64> = machine_rounds
+        .iter()
+        .map(|m| m[DIRECT] / m[GATEWAY])
+        .collect();
     println!(
         "\nmachine CPU per order straight at order-service, as a share of that through the gateway: {}",
         by_round_and_median(&costs)
