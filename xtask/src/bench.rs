@@ -10,7 +10,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -424,7 +424,8 @@ fn wrk(
 /// its URL once it accepts connections.
 fn start_bare_proxy(binary: &Path, upstream: &str, dir: &Path) -> anyhow::Result<(Child, String)> {
     let address = format!("127.0.0.1:{}", free_port()?);
-    let log = std::fs::File::create(dir.join("bare-proxy.log"))?;
+    let log_path = dir.join("bare-proxy.log");
+    let log = std::fs::File::create(&log_path)?;
     let mut child = Command::new(binary)
         .env("BARE_PROXY_LISTEN", &address)
         .env("BARE_PROXY_UPSTREAM", upstream)
@@ -433,19 +434,16 @@ fn start_bare_proxy(binary: &Path, upstream: &str, dir: &Path) -> anyhow::Result
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&address).is_err() {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "the bare proxy exited with {status}; see {}",
-                dir.join("bare-proxy.log").display()
-            );
-        }
-        if Instant::now() > deadline {
-            services::stop(&mut child);
-            bail!("the bare proxy did not listen on {address} within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let listening = || std::net::TcpStream::connect(&address).is_ok();
+    if let Err(error) = services::wait_ready(
+        &mut child,
+        "the bare proxy",
+        &log_path,
+        Duration::from_secs(30),
+        listening,
+    ) {
+        services::stop(&mut child);
+        return Err(error);
     }
     Ok((child, format!("http://{address}")))
 }

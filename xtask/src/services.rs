@@ -165,19 +165,37 @@ pub(crate) fn start_with(
         port,
         management_port,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
     let ready = format!("127.0.0.1:{management_port}");
+    wait_ready(
+        &mut child,
+        name,
+        &stack.dir.join(format!("{name}.log")),
+        Duration::from_secs(60),
+        || http_ok(&ready, "/health/ready"),
+    )?;
+    Ok((child, info))
+}
+
+/// Waits until `ready` holds for a process just started. One that exits first fails with its
+/// log (`log`), and one not ready within `limit` fails too (it is left running).
+pub(crate) fn wait_ready(
+    child: &mut Child,
+    name: &str,
+    log: &Path,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait()? {
-            let log =
-                std::fs::read_to_string(stack.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let log = std::fs::read_to_string(log).unwrap_or_default();
             bail!("{name} exited with {status}:\n{log}");
         }
-        if http_ok(&ready, "/health/ready") {
-            return Ok((child, info));
+        if ready() {
+            return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{name} was not ready within 60 s");
+            bail!("{name} was not ready within {} s", limit.as_secs());
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -178,11 +178,6 @@ impl Flow {
         &self.resources
     }
 
-    /// How long a learned sold-out holds, under the rules in force.
-    pub fn sold_out_ttl(&self) -> Duration {
-        Duration::from_millis(self.rules.current().sold_out().ttl_ms)
-    }
-
     /// The sold-out short circuit alone, for a request whose token has not been checked yet:
     /// whether an activity is sold out is no secret, and a refusal that does no cryptography is
     /// the cheapest. A lapsed mark is left to [`Self::admit`], whose probe needs a full request.

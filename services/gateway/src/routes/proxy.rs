@@ -217,7 +217,10 @@ fn learn(
     else {
         return;
     };
-    if !state.flow.rules().current().sold_out().enabled {
+    // The rules in force, loaded once for both what is learned and for how long.
+    let rules = state.flow.rules().current();
+    let sold_out = rules.sold_out();
+    if !sold_out.enabled {
         return;
     }
     let code = (response.status() == StatusCode::CONFLICT)
@@ -229,7 +232,7 @@ fn learn(
         Some("SALE_ENDED") => Some(ErrorCode::SaleEnded),
         _ => None,
     };
-    let ttl = state.flow.sold_out_ttl();
+    let ttl = sold_out.ttl();
     match (remembered, probe) {
         (Some(code), Some(probe)) => probe.still(code, ttl, Instant::now()),
         (Some(code), None) => state

@@ -370,6 +370,13 @@ pub struct SoldOutRule {
     pub ttl_ms: u64,
 }
 
+impl SoldOutRule {
+    /// How long a learned sold-out holds.
+    pub fn ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.ttl_ms)
+    }
+}
+
 impl Default for SoldOutRule {
     fn default() -> Self {
         Self {
