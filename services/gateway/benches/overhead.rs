@@ -78,9 +78,15 @@ async fn main() -> anyhow::Result<()> {
 
     let bare_proxy = bare_proxy(&accepting).await?;
     let rule_files = tempfile::tempdir()?;
-    let routing_only = gateway(&accepting, false, rule_files.path()).await?;
-    let through_accepting = gateway(&accepting, true, rule_files.path()).await?;
-    let through_sold_out = gateway(&sold_out, true, rule_files.path()).await?;
+    // No Redis: its URL is a port this process holds without listening, so every connection
+    // attempt is refused at once and nobody else's port is touched.
+    let no_redis = tokio::net::TcpSocket::new_v4()?;
+    no_redis.bind("127.0.0.1:0".parse()?)?;
+    let redis_url = format!("redis://{}", no_redis.local_addr()?);
+    let dir = rule_files.path();
+    let routing_only = gateway(&accepting, false, dir, &redis_url).await?;
+    let through_accepting = gateway(&accepting, true, dir, &redis_url).await?;
+    let through_sold_out = gateway(&sold_out, true, dir, &redis_url).await?;
     let tokens: Arc<Vec<String>> = Arc::new((1..=1000).map(token).collect());
 
     println!(
@@ -205,9 +211,14 @@ async fn bare_proxy(upstream: &str) -> anyhow::Result<String> {
 }
 
 /// A gateway in front of `upstream`: with `checks`, the token check and every rule type on,
-/// limits out of reach, no Redis (the cluster bucket costs one Redis call, not measured here);
-/// without, routing alone (no token check, no rules).
-async fn gateway(upstream: &str, checks: bool, dir: &std::path::Path) -> anyhow::Result<String> {
+/// limits out of reach, no Redis at `redis_url` (the cluster bucket costs one Redis call, not
+/// measured here); without, routing alone (no token check, no rules).
+async fn gateway(
+    upstream: &str,
+    checks: bool,
+    dir: &std::path::Path,
+    redis_url: &str,
+) -> anyhow::Result<String> {
     let mut settings = Settings::default();
     settings.server = ListenerSettings {
         host: "127.0.0.1".into(),
@@ -216,7 +227,7 @@ async fn gateway(upstream: &str, checks: bool, dir: &std::path::Path) -> anyhow:
     settings.management = settings.server.clone();
     settings.auth.hs256_secret = Secret::new(SECRET);
     settings.upstreams.order_service = upstream.to_owned();
-    settings.redis.url = "redis://127.0.0.1:9".into();
+    settings.redis.url = redis_url.to_owned();
     let file = dir.join(format!(
         "rules-{}-{checks}.toml",
         upstream.replace([':', '/', '.'], "-")

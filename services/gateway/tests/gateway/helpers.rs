@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -65,8 +65,23 @@ pub(crate) fn rs256(claims: Value, private_pem: &str) -> String {
     .unwrap()
 }
 
-/// Gateway settings for tests: loopback, port 0, HS256 with [`SECRET`], upstreams unset
-/// (pointing at a closed port).
+/// A loopback address this test binary holds without listening on it: a connection to it is
+/// refused at once, and no other process can take the port meanwhile (a fixed "closed" port
+/// such as 9 may be someone's).
+pub(crate) fn refusing_address() -> SocketAddr {
+    static HELD: LazyLock<(tokio::net::TcpSocket, SocketAddr)> = LazyLock::new(|| {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("a loopback address"))
+            .expect("binding a loopback port");
+        let address = socket.local_addr().expect("the bound address");
+        (socket, address)
+    });
+    HELD.1
+}
+
+/// Gateway settings for tests: loopback, port 0, HS256 with [`SECRET`], upstreams and Redis
+/// unset (pointing at [`refusing_address`]).
 pub(crate) fn settings() -> Settings {
     let mut s = Settings::default();
     s.server = ListenerSettings {
@@ -75,9 +90,10 @@ pub(crate) fn settings() -> Settings {
     };
     s.management = s.server.clone();
     s.auth.hs256_secret = Secret::new(SECRET);
-    s.upstreams.order_service = "http://127.0.0.1:9".into();
-    s.upstreams.inventory_service = "http://127.0.0.1:9".into();
-    s.redis.url = "redis://127.0.0.1:9".into();
+    let nowhere = refusing_address();
+    s.upstreams.order_service = format!("http://{nowhere}");
+    s.upstreams.inventory_service = format!("http://{nowhere}");
+    s.redis.url = format!("redis://{nowhere}");
     s.cluster.retry_ms = 100;
     s
 }
