@@ -46,11 +46,12 @@ usage: cargo xtask <command>
                      the main job: a local flash sale end to end, with its report
                      (defaults: the seed's 100000 requests, 1000 concurrent, 10000 items;
                      --hey also runs the seed's hey command against the stack)
-  bench [--seconds N] [--connections C] [--rounds R]
+  bench [--seconds N] [--connections C] [--rounds R] [--broker sqlite|memory]
                      the benchmark: order-service paths against a bare axum handler
-                     making one Redis Lua call, and accepted orders straight at order-service
-                     against through the gateway in R alternating rounds (defaults: 10 s,
-                     1000 connections, 5 rounds), same run, with wrk (docs/performance.md)
+                     making one Redis Lua call, and accepted orders straight at order-service,
+                     through a bare proxy and through the gateway in R rotating rounds
+                     (defaults: 10 s, 1000 connections, 5 rounds, the broker's log in SQLite
+                     as in the main job), same run, with wrk (docs/performance.md)
   up [--foreground]  start the stack and the services and print where they listen
   down               stop what `up` started
   status             show what `up` started
