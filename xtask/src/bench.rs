@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use axum::Router;
 use axum::routing::post;
 use flash_sale_tests::apps::http_client;
@@ -111,7 +111,7 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
     // stock no run exhausts.
     let accepted_activities = (0..o.rounds * ARMS.len() as u32).map(|i| 10 + i64::from(i));
     for activity in accepted_activities.clone() {
-        admin.create_activity(activity, 10_000_000).await?;
+        admin.create_activity(activity, ACCEPTED_STOCK).await?;
     }
     let no_short_circuit = [("FLASH_SALE_ORDER__SOLD_OUT_TTL_MS", "0".to_owned())];
     let (mut child, order) =
@@ -196,6 +196,8 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
                 .wait_for_drain(activity, Duration::from_secs(300))
                 .await?;
             machine[i] = per_request(machine_busy_seconds() - machine_before);
+            let answered_2xx = run.requests.saturating_sub(run.non_2xx_3xx);
+            check_invariants(&stores, activity, ACCEPTED_STOCK, answered_2xx, &run.name).await?;
             cpu.push((run.name.clone(), process, machine[i]));
             rates[i] = run.requests_per_sec;
             runs.push(run);
@@ -210,6 +212,9 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
         &script,
         "1",
     )?);
+    // Activity 1 never had stock: the sold-out runs may not have ordered anything.
+    stores.wait_for_drain(1, Duration::from_secs(60)).await?;
+    check_invariants(&stores, 1, 0, 0, "the sold-out runs").await?;
 
     // What the answers of the runs on this instance were, as order-service counted them.
     let metrics = http_client()
@@ -308,6 +313,10 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
         "\ngateway sold-out short circuit as a share of the bare handler: {:.2}",
         sold_out / base
     );
+    println!(
+        "\ninvariants 1-4 of DESIGN.md held for every activity (no lost order by count: at least one \
+         MySQL order per 2xx answer)"
+    );
     Ok(())
 }
 
@@ -322,6 +331,30 @@ fn by_round_and_median(values: &[f64]) -> String {
         n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     };
     format!("{} by round, median {median:.2}", shown.join(", "))
+}
+
+/// Stock of each accepted-order activity: more than any run sells.
+const ACCEPTED_STOCK: i64 = 10_000_000;
+
+/// DESIGN.md's invariants for `activity` once its orders are settled: no oversell, no duplicate
+/// and conservation as `cargo xtask sale` checks them, and no lost order by count (wrk keeps no
+/// order numbers): MySQL holds at least one order per 2xx answer.
+async fn check_invariants(
+    stores: &Stores,
+    activity: i64,
+    initial_stock: i64,
+    answered_2xx: u64,
+    after: &str,
+) -> anyhow::Result<()> {
+    let report = stores
+        .check_invariants(activity, initial_stock, &[])
+        .await?;
+    ensure!(
+        report.all_hold() && report.orders as u64 >= answered_2xx,
+        "after {after}: {answered_2xx} answers were 2xx and MySQL holds {} orders\n{report}",
+        report.orders
+    );
+    Ok(())
 }
 
 /// CPU time the whole machine has spent working so far, in seconds: user, nice, system, irq and
