@@ -17,8 +17,21 @@ use serde::{Deserialize, Serialize};
 pub enum BrokerStorage {
     /// SQLite file: survives a broker restart (crash tests, the main job).
     Sqlite,
-    /// In memory: fastest, lost on restart (benchmarks).
+    /// In memory: fastest, and an acknowledged order is lost on restart (`xtask bench --broker
+    /// memory`).
     Memory,
+}
+
+impl BrokerStorage {
+    pub const ALL: [BrokerStorage; 2] = [Self::Sqlite, Self::Memory];
+
+    /// The name options use: `sqlite`, `memory`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Memory => "memory",
+        }
+    }
 }
 
 /// What a running stack offers, and which processes make it up. Serializable, so `cargo xtask
