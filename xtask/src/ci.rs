@@ -69,6 +69,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
             )
         },
     )?;
+    step(
+        "crash drills, short form (cargo xtask drill --short: SIGKILL of every part mid-sale)",
+        || crate::drill::run(&["--short".to_owned()]),
+    )?;
     println!("\nci: every step passed");
     Ok(())
 }

@@ -6,12 +6,14 @@
 //! - `up [--foreground]` / `down` / `status`: the whole system on this machine, for trying the
 //!   API by hand.
 //! - `bench`: the buy path's throughput as ratios against a bare axum + one-Lua-call baseline.
-//! - `setup`: installs the servers and tools (Debian packages, tansu).
+//! - `setup`: installs the servers and tools (Debian packages, the nisshi broker).
+//! - `drill [--part NAME] [--short]`: the crash drills (SIGKILL of each part mid-sale).
 //! - `ci`: every check and test; `.ci/run` runs exactly this.
 
 mod bench;
 mod canary;
 mod ci;
+mod drill;
 mod sale;
 mod services;
 mod setup;
@@ -31,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         "setup" => setup::run(),
         "ci" => ci::run(),
         "canary" => canary::run(rest),
+        "drill" => drill::run(rest),
         "help" | "--help" | "-h" => {
             println!("{}", HELP.trim());
             Ok(())
@@ -52,10 +55,15 @@ usage: cargo xtask <command>
                      through a bare proxy and through the gateway in R rotating rounds
                      (defaults: 10 s, 1000 connections, 5 rounds, the broker's log in SQLite
                      as in the main job), same run, with wrk (docs/performance.md)
+  drill [--part NAME] [--short]
+                     the crash drills: for each of order-service, inventory-service, gateway,
+                     redis, broker, mariadb and order-service-pair, a sale through the gateway
+                     with buyers who retry, a SIGKILL of that part mid-load, its restart, and
+                     the invariants read from MySQL and Redis (--short: the CI's smaller sale)
   up [--foreground]  start the stack and the services and print where they listen
   down               stop what `up` started
   status             show what `up` started
-  setup              install redis-server, mariadb-server, hey and tansu if missing
+  setup              install redis-server, mariadb-server, hey and the nisshi broker if missing
   ci                 every check and test (what .ci/run runs)
   canary promote [--dry-run] [...]
                      the canary's verdict from Prometheus, then promote or abort it (--help)

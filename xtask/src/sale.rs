@@ -25,6 +25,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
             concurrency: 1000,
             repeat_every: 3,
             first_user: 1,
+            retry_ms: 0,
         },
         hey: false,
     };
@@ -53,7 +54,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 async fn sale(o: Options) -> anyhow::Result<()> {
     let root = services::workspace_root().join("target/flash-sale");
     println!(
-        "starting a private Redis, MariaDB and tansu broker under {}",
+        "starting a private Redis, MariaDB and nisshi broker under {}",
         root.display()
     );
     let stack = Stack::start_in(BrokerStorage::Sqlite, Some(&root), false).await?;

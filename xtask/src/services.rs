@@ -27,13 +27,21 @@ pub(crate) fn start_gateway(
     inventory: &ServiceInfo,
     detached: bool,
 ) -> anyhow::Result<(Child, ServiceInfo)> {
+    gateway_launch(order, inventory)?.start(stack, detached)
+}
+
+/// How [`start_gateway`] starts the gateway, on ports of its own.
+pub(crate) fn gateway_launch(
+    order: &ServiceInfo,
+    inventory: &ServiceInfo,
+) -> anyhow::Result<Launch> {
     let env = [
         ("FLASH_SALE_UPSTREAMS__ORDER_SERVICE", order.url()),
         ("FLASH_SALE_UPSTREAMS__INVENTORY_SERVICE", inventory.url()),
         ("FLASH_SALE_AUTH__HS256_SECRET", LOCAL_JWT_SECRET.to_owned()),
         ("FLASH_SALE_AUTH__TRUST_BODY_USER_ID", "true".to_owned()),
     ];
-    start_with("gateway", stack, detached, &env)
+    Launch::new("gateway", &env)
 }
 
 /// Where a running service listens.
@@ -132,48 +140,88 @@ pub(crate) fn start_with(
     detached: bool,
     env: &[(&str, String)],
 ) -> anyhow::Result<(Child, ServiceInfo)> {
-    let port = free_port()?;
-    let management_port = free_port()?;
-    let log = std::fs::File::create(stack.dir.join(format!("{name}.log")))?;
-    let mut cmd = Command::new(binary(name));
-    cmd.env("FLASH_SALE_SERVER__HOST", "127.0.0.1")
-        .env("FLASH_SALE_SERVER__PORT", port.to_string())
-        .env("FLASH_SALE_MANAGEMENT__HOST", "127.0.0.1")
-        .env("FLASH_SALE_MANAGEMENT__PORT", management_port.to_string())
-        .env("FLASH_SALE_REDIS__URL", stack.redis_url())
-        .env("FLASH_SALE_DATABASE__URL", stack.database_url())
-        .env("FLASH_SALE_KAFKA__BROKERS", stack.brokers())
-        .env("FLASH_SALE_INVENTORY__ADMIN_TOKEN", LOCAL_ADMIN_TOKEN)
-        .env("FLASH_SALE_TELEMETRY__LOG_FORMAT", "json")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    if detached {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
+    Launch::new(name, env)?.start(stack, detached)
+}
+
+/// How one service process is started, kept so that it can be started again the same way, on
+/// the same ports (a crash drill's restart, as a supervisor would do it).
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub(crate) binary: String,
+    /// Its name in logs and tables, and its log file: `order-service-b` for a second instance.
+    pub(crate) label: String,
+    /// App and management ports.
+    pub(crate) ports: (u16, u16),
+    /// Settings overrides (`FLASH_SALE_...`).
+    pub(crate) env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// `binary` on two free ports, labelled with its own name.
+    pub(crate) fn new(binary: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        Ok(Self {
+            binary: binary.to_owned(),
+            label: binary.to_owned(),
+            ports: (free_port()?, free_port()?),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        })
     }
-    let mut child = cmd.spawn().with_context(|| {
-        format!(
-            "starting {} (build it with `cargo build --release`)",
-            binary(name).display()
-        )
-    })?;
-    let info = ServiceInfo {
-        name: name.to_owned(),
-        pid: child.id(),
-        port,
-        management_port,
-    };
-    let ready = format!("127.0.0.1:{management_port}");
-    wait_ready(
-        &mut child,
-        name,
-        &stack.dir.join(format!("{name}.log")),
-        Duration::from_secs(60),
-        || http_ok(&ready, "/health/ready"),
-    )?;
-    Ok((child, info))
+
+    /// Starts the process, appending to `<stack dir>/<label>.log`, and waits until it is ready.
+    pub(crate) fn start(
+        &self,
+        stack: &StackInfo,
+        detached: bool,
+    ) -> anyhow::Result<(Child, ServiceInfo)> {
+        let (port, management_port) = self.ports;
+        let log_path = stack.dir.join(format!("{}.log", self.label));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(binary(&self.binary));
+        cmd.env("FLASH_SALE_SERVER__HOST", "127.0.0.1")
+            .env("FLASH_SALE_SERVER__PORT", port.to_string())
+            .env("FLASH_SALE_MANAGEMENT__HOST", "127.0.0.1")
+            .env("FLASH_SALE_MANAGEMENT__PORT", management_port.to_string())
+            .env("FLASH_SALE_REDIS__URL", stack.redis_url())
+            .env("FLASH_SALE_DATABASE__URL", stack.database_url())
+            .env("FLASH_SALE_KAFKA__BROKERS", stack.brokers())
+            .env("FLASH_SALE_INVENTORY__ADMIN_TOKEN", LOCAL_ADMIN_TOKEN)
+            .env("FLASH_SALE_TELEMETRY__LOG_FORMAT", "json")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if detached {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {} (build it with `cargo build --release`)",
+                binary(&self.binary).display()
+            )
+        })?;
+        let info = ServiceInfo {
+            name: self.label.clone(),
+            pid: child.id(),
+            port,
+            management_port,
+        };
+        let ready = format!("127.0.0.1:{management_port}");
+        wait_ready(
+            &mut child,
+            &self.label,
+            &log_path,
+            Duration::from_secs(60),
+            || http_ok(&ready, "/health/ready"),
+        )?;
+        Ok((child, info))
+    }
 }
 
 /// Waits until `ready` holds for a process just started. One that exits first fails with its
@@ -201,6 +249,19 @@ pub(crate) fn wait_ready(
     }
 }
 
+/// A blocking GET's body on a 200 answer (no client library needed for a probe).
+pub(crate) fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
 /// A blocking GET that is true on a 200 answer (no client library needed for a probe).
 fn http_ok(addr: &str, path: &str) -> bool {
     use std::io::{Read, Write};
@@ -218,6 +279,9 @@ fn http_ok(addr: &str, path: &str) -> bool {
 
 /// SIGTERM, then wait for the graceful drain (SIGKILL after 30 s).
 pub(crate) fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {

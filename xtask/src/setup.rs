@@ -3,7 +3,13 @@
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use flash_sale_tests::stack::find_program;
+use flash_sale_tests::stack::{BROKER_PROGRAM, find_program};
+
+/// The broker's crate, its pinned version and the features of its SQLite log.
+const BROKER_CRATE: (&str, &str, &str) = ("nisshi", "0.8.1", "dynostore,libsql");
+
+/// nisshi 0.8.1 needs this rustc or newer (its dependencies use 1.96 features).
+const BROKER_RUSTC: (u32, u32) = (1, 96);
 
 /// Debian packages and the program each provides.
 const APT: &[(&str, &str)] = &[
@@ -30,33 +36,66 @@ pub(crate) fn run() -> anyhow::Result<()> {
         args.extend(&packages);
         sh(&sudo, "apt-get", &args)?;
     }
-    if find_program("tansu").is_none() {
-        println!("setup: installing the tansu broker from crates.io (a few minutes, once)");
-        let status = Command::new("cargo")
-            .args([
-                "install",
-                "tansu",
-                "--version",
-                "0.6.0",
-                "--locked",
-                "--features",
-                "dynostore,libsql",
-            ])
-            .status()
-            .context("running cargo install")?;
-        if !status.success() {
-            bail!("cargo install tansu failed with {status}");
-        }
+    if find_program(BROKER_PROGRAM).is_none() {
+        install_broker()?;
     }
     for (program, package) in APT {
         if find_program(program).is_none() {
             bail!("{program} is still missing after installing {package}");
         }
     }
-    if find_program("tansu").is_none() {
-        bail!("tansu is still missing after cargo install");
+    if find_program(BROKER_PROGRAM).is_none() {
+        bail!("{BROKER_PROGRAM} is still missing after cargo install");
     }
     Ok(())
+}
+
+/// `cargo install` of the broker, with the default toolchain if it is new enough, else with a
+/// rustup toolchain that is (the image's nightly): the services themselves build on stable.
+fn install_broker() -> anyhow::Result<()> {
+    let (name, version, features) = BROKER_CRATE;
+    let toolchain = ["stable", "nightly", "beta"]
+        .into_iter()
+        .find(|t| rustc_version(t).is_some_and(|v| v >= BROKER_RUSTC))
+        .with_context(|| {
+            format!(
+                "{name} {version} needs rustc {}.{} or newer and no rustup toolchain here has it \
+                 (`rustup toolchain list`); install one, or put a `{BROKER_PROGRAM}` binary on PATH",
+                BROKER_RUSTC.0, BROKER_RUSTC.1
+            )
+        })?;
+    println!(
+        "setup: installing the {name} {version} broker from crates.io with the {toolchain} \
+         toolchain (about 15 minutes on 2 cores, once)"
+    );
+    let status = Command::new("cargo")
+        .arg(format!("+{toolchain}"))
+        .args(["install", name, "--version", version, "--locked"])
+        .args(["--no-default-features", "--features", features])
+        // The workspace's own toolchain choice must not leak into the broker's build.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .status()
+        .context("running cargo install")?;
+    if !status.success() {
+        bail!("cargo install {name} failed with {status}");
+    }
+    Ok(())
+}
+
+/// `(major, minor)` of a rustup toolchain's rustc, if that toolchain is installed.
+fn rustc_version(toolchain: &str) -> Option<(u32, u32)> {
+    let out = Command::new("rustc")
+        .arg(format!("+{toolchain}"))
+        .arg("--version")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut numbers = text.split_whitespace().nth(1)?.split(['.', '-']);
+    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
 }
 
 fn is_root() -> bool {

@@ -130,8 +130,31 @@ pub(crate) fn status() -> anyhow::Result<()> {
         Ok(text) => {
             let running: Running = serde_json::from_str(&text)?;
             print_running(&running);
+            print_stranded(&running);
         }
         Err(_) => println!("nothing is running (`cargo xtask up` starts it)"),
     }
     Ok(())
+}
+
+/// The reconciler's measure of stranded orders, from inventory-service's metrics: the age of the
+/// oldest accepted order not yet in MySQL, per activity (alerted on as FlashSaleOrderStranded).
+fn print_stranded(r: &Running) {
+    const GAUGE: &str = "flash_sale_oldest_unwritten_order_age_seconds";
+    let Some(inventory) = r.services.iter().find(|s| s.name == "inventory-service") else {
+        return;
+    };
+    let addr = format!("127.0.0.1:{}", inventory.management_port);
+    let Some(metrics) = services::http_get(&addr, "/metrics") else {
+        println!("\ninventory-service's metrics did not answer at {addr}");
+        return;
+    };
+    let lines: Vec<&str> = metrics.lines().filter(|l| l.starts_with(GAUGE)).collect();
+    println!("\noldest accepted order not yet in MySQL (s, measured by each reconciler pass):");
+    if lines.is_empty() {
+        println!("  no activity reconciled yet");
+    }
+    for line in lines {
+        println!("  {}", line.trim_start_matches(GAUGE));
+    }
 }

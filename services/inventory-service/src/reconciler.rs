@@ -36,6 +36,10 @@ pub struct ActivityReport {
     pub pending_quantity: i64,
     pub drift: i64,
     pub repaired: bool,
+    /// Age in milliseconds of the oldest order the broker acknowledged (so the buyer may have been
+    /// told yes) that is not yet in MySQL; 0 when there is none. A growing value is a stranded
+    /// order: exported as `flash_sale_oldest_unwritten_order_age_seconds`, alerted on.
+    pub oldest_unwritten_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +195,9 @@ pub async fn reconcile(
         .set(report.drift as f64);
     metrics::gauge!("flash_sale_reservations_pending", "activity" => activity_label.clone())
         .set(snapshot.pending as f64);
+    report.oldest_unwritten_ms = oldest_unwritten_ms(redis, &keys, snapshot.now_ms).await?;
+    metrics::gauge!("flash_sale_oldest_unwritten_order_age_seconds", "activity" => activity_label.clone())
+        .set(report.oldest_unwritten_ms as f64 / 1000.0);
 
     if tracker.observe(id, report.drift, settings.drift_repair_after) {
         redis.adjust(id, report.drift, 0).await?;
@@ -201,6 +208,38 @@ pub async fn reconcile(
         report.repaired = true;
     }
     Ok(report)
+}
+
+/// The age of the oldest acknowledged or claimed reservation (an order someone may have been told
+/// yes to, not yet in MySQL), looked for among the [`SCAN_LIMIT`] oldest reservations: step 1
+/// released the unacknowledged ones past the deadline, so the oldest entries are the ones that
+/// matter.
+async fn oldest_unwritten_ms(
+    redis: &Redis,
+    keys: &ActivityKeys,
+    now_ms: i64,
+) -> Result<i64, ReconcileError> {
+    let oldest: Vec<String> = redis
+        .query(
+            redis::cmd("ZRANGE")
+                .arg(&keys.resv_ts)
+                .arg(0)
+                .arg(SCAN_LIMIT - 1),
+        )
+        .await?;
+    if oldest.is_empty() {
+        return Ok(0);
+    }
+    let records: Vec<Option<String>> = redis
+        .query(redis::cmd("HMGET").arg(&keys.resv).arg(&oldest))
+        .await?;
+    let reserved_ms = records
+        .iter()
+        .filter_map(|r| r.as_deref().and_then(Reservation::parse))
+        .filter(|r| r.state != ReservationState::Reserved)
+        .map(|r| r.reserved_ms)
+        .min();
+    Ok(reserved_ms.map_or(0, |ms| (now_ms - ms).max(0)))
 }
 
 #[cfg(test)]

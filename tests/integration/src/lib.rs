@@ -1,7 +1,7 @@
 //! Test support for the flash-sale services, shared by the integration tests and `cargo xtask`.
 //!
 //! Layout:
-//! - [`stack`]: private Redis, MariaDB and Kafka-protocol broker (tansu) instances on free
+//! - [`stack`]: private Redis, MariaDB and Kafka-protocol broker (nisshi) instances on free
 //!   127.0.0.1 ports under a temporary directory, torn down on drop.
 //! - [`apps`]: the services running in-process against a stack (`spawn_app`), on port 0.
 //! - [`scenario`]: a sale driven through the public API, with the report and the invariant check

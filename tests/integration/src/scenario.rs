@@ -98,7 +98,14 @@ pub struct SaleConfig {
     pub repeat_every: usize,
     /// First user id; users are `first_user..`.
     pub first_user: i64,
+    /// How long a buyer goes on retrying a request that got no answer, a 5xx or a 429, as people
+    /// do (0: one try). The crash drills use it; a definitive answer ends the buyer's tries.
+    #[serde(default)]
+    pub retry_ms: u64,
 }
+
+/// Pause between a buyer's tries.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 impl Default for SaleConfig {
     fn default() -> Self {
@@ -109,6 +116,7 @@ impl Default for SaleConfig {
             concurrency: 200,
             repeat_every: 3,
             first_user: 1_000_000,
+            retry_ms: 0,
         }
     }
 }
@@ -135,8 +143,13 @@ pub struct LoadReport {
     pub outcomes: BTreeMap<String, usize>,
     /// Accepted order numbers with their user.
     pub accepted: Vec<(String, i64)>,
-    /// Transport failures (no HTTP answer).
+    /// When each 2xx answer arrived, in the order of `accepted` (not in the JSON report).
+    #[serde(skip)]
+    pub accepted_at: Vec<Instant>,
+    /// Transport failures (no HTTP answer), counted only for a buyer's last try.
     pub transport_errors: usize,
+    /// Tries repeated after no answer, a 5xx or a 429 (`SaleConfig::retry_ms`).
+    pub retries: usize,
     /// Latency percentiles in ms: p50, p90, p99, max.
     pub latency_ms: [f64; 4],
 }
@@ -173,6 +186,13 @@ impl fmt::Display for LoadReport {
         for (outcome, n) in &self.outcomes {
             writeln!(f, "  {outcome:<32} {n:>8}")?;
         }
+        if self.retries > 0 {
+            writeln!(
+                f,
+                "  {:<32} {:>8}",
+                "tries repeated by buyers", self.retries
+            )?;
+        }
         if self.transport_errors > 0 {
             writeln!(
                 f,
@@ -203,27 +223,45 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
                 if i >= config.requests {
                     return part;
                 }
-                let body = json!({"userId": config.user(i).to_string(), "activityId": config.activity.to_string(), "quantity": 1});
-                let t = Instant::now();
-                let result = http.post(&url).json(&body).send().await;
-                match result {
-                    Ok(res) => {
-                        let status = res.status().as_u16();
-                        let body: Value = res.json().await.unwrap_or(Value::Null);
-                        part.latencies.push(t.elapsed());
-                        let key = match (status, body.get("code").and_then(Value::as_str)) {
-                            (202, _) => {
-                                if let Some(no) = body.get("orderNo").and_then(Value::as_str) {
-                                    part.accepted.push((no.to_owned(), config.user(i)));
-                                }
-                                "202 ACCEPTED".to_owned()
-                            }
-                            (s, Some(code)) => format!("{s} {code}"),
-                            (s, None) => format!("{s} (no error code)"),
-                        };
-                        *part.outcomes.entry(key).or_default() += 1;
+                let user = config.user(i);
+                let body = json!({"userId": user.to_string(), "activityId": config.activity.to_string(), "quantity": 1});
+                let give_up = Instant::now() + Duration::from_millis(config.retry_ms);
+                loop {
+                    let t = Instant::now();
+                    let answer = match http.post(&url).json(&body).send().await {
+                        Ok(res) => {
+                            let status = res.status().as_u16();
+                            let body: Value = res.json().await.unwrap_or(Value::Null);
+                            part.latencies.push(t.elapsed());
+                            Some((status, body))
+                        }
+                        Err(_) => None,
+                    };
+                    let retryable = answer
+                        .as_ref()
+                        .is_none_or(|(status, _)| *status >= 500 || *status == 429);
+                    if retryable && Instant::now() < give_up {
+                        part.retries += 1;
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        continue;
                     }
-                    Err(_) => part.transport_errors += 1,
+                    let Some((status, body)) = answer else {
+                        part.transport_errors += 1;
+                        break;
+                    };
+                    let key = match (status, body.get("code").and_then(Value::as_str)) {
+                        (202, _) => {
+                            if let Some(no) = body.get("orderNo").and_then(Value::as_str) {
+                                part.accepted.push((no.to_owned(), user));
+                                part.accepted_at.push(Instant::now());
+                            }
+                            "202 ACCEPTED".to_owned()
+                        }
+                        (s, Some(code)) => format!("{s} {code}"),
+                        (s, None) => format!("{s} (no error code)"),
+                    };
+                    *part.outcomes.entry(key).or_default() += 1;
+                    break;
                 }
             }
         }));
@@ -237,7 +275,9 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
         let part = w.await.expect("a load worker does not panic");
         latencies.extend(part.latencies);
         report.accepted.extend(part.accepted);
+        report.accepted_at.extend(part.accepted_at);
         report.transport_errors += part.transport_errors;
+        report.retries += part.retries;
         for (k, n) in part.outcomes {
             *report.outcomes.entry(k).or_default() += n;
         }
@@ -258,7 +298,9 @@ struct Part {
     latencies: Vec<Duration>,
     outcomes: BTreeMap<String, usize>,
     accepted: Vec<(String, i64)>,
+    accepted_at: Vec<Instant>,
     transport_errors: usize,
+    retries: usize,
 }
 
 /// Direct access to the stores, for the drain wait and the invariant check.

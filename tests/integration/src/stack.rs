@@ -1,7 +1,8 @@
 //! Private server instances for tests and the local stack: Redis, MariaDB and a Kafka-protocol
-//! broker (tansu), each on a free 127.0.0.1 port, with its files under one temporary directory.
+//! broker (nisshi), each on a free 127.0.0.1 port, with its files under one temporary directory.
 //! Dropping a [`Stack`] stops them and deletes the directory; [`Stack::detach`] keeps them running
-//! (`cargo xtask up`).
+//! (`cargo xtask up`). [`Stack::kill`] and [`Stack::restart`] crash a server with SIGKILL and
+//! start it again on the same port and data (the crash drills).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -74,18 +75,27 @@ pub struct Stack {
     detached: bool,
 }
 
+/// One of the stack's servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    Redis,
+    Mysql,
+    Broker,
+}
+
+/// The Kafka-protocol broker's program: nisshi, whose group coordinator expires a member that
+/// died without a LeaveGroup (tansu 0.6 never did: docs/decisions.md).
+pub const BROKER_PROGRAM: &str = "nisshi";
+
 /// The three servers the stack needs, with how to install them on Debian.
 pub const REQUIRED_TOOLS: &[(&str, &str)] = &[
     ("redis-server", "apt-get install redis-server"),
     ("mariadbd", "apt-get install mariadb-server"),
     ("mariadb-install-db", "apt-get install mariadb-server"),
-    (
-        "tansu",
-        "cargo install tansu --locked --features dynostore,libsql",
-    ),
+    (BROKER_PROGRAM, "cargo xtask setup (cargo install nisshi)"),
 ];
 
-/// Finds a program on PATH, in /usr/sbin (mariadbd) or in ~/.cargo/bin (tansu).
+/// Finds a program on PATH, in /usr/sbin (mariadbd) or in ~/.cargo/bin (the broker).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
@@ -116,6 +126,11 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `port` when a server had it before (a restart keeps its address), else a free one.
+fn port_or_free(port: u16) -> anyhow::Result<u16> {
+    if port == 0 { free_port() } else { Ok(port) }
+}
+
 fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -135,7 +150,11 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> anyhow
 }
 
 fn spawn_logged(mut cmd: Command, dir: &Path, name: &str, detached: bool) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    // Appended to: a restarted server's log follows the one it had before its crash.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?;
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -274,8 +293,36 @@ impl Stack {
             .collect();
     }
 
+    /// Crashes one server: SIGKILL, no chance to flush or say goodbye.
+    pub fn kill(&mut self, server: Server) {
+        if let Some(mut child) = self.child(server).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a server again after [`Stack::kill`], on the same port and the same data.
+    pub fn restart(&mut self, server: Server) -> anyhow::Result<()> {
+        match server {
+            Server::Redis => self.start_redis(),
+            Server::Mysql => self.spawn_mysql(),
+            Server::Broker => self.start_broker(),
+        }?;
+        self.refresh_pids();
+        Ok(())
+    }
+
+    fn child(&mut self, server: Server) -> &mut Option<Child> {
+        match server {
+            Server::Redis => &mut self.redis,
+            Server::Mysql => &mut self.mysql,
+            Server::Broker => &mut self.broker,
+        }
+    }
+
+    /// Starts Redis (again: on the same port and append-only file).
     fn start_redis(&mut self) -> anyhow::Result<()> {
-        let port = free_port()?;
+        let port = port_or_free(self.info.redis_port)?;
         let mut cmd = Command::new(program("redis-server")?);
         cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args([
@@ -301,9 +348,40 @@ impl Stack {
     }
 
     async fn start_mysql(&mut self) -> anyhow::Result<()> {
+        copy_dir(mariadb_template()?, &self.info.dir.join("mysql"))?;
+        self.spawn_mysql()?;
+        let port = self.info.mysql_port;
+
+        // The application database and user, then the schema.
+        let root = format!("mysql://root@127.0.0.1:{port}/mysql");
+        let pool = sqlx::MySqlPool::connect(&root)
+            .await
+            .context("connecting as root")?;
+        for statement in [
+            "CREATE DATABASE flash_sale CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                .to_owned(),
+            format!(
+                "CREATE USER 'flash_sale'@'127.0.0.1' IDENTIFIED BY '{}'",
+                self.info.mysql_password
+            ),
+            "GRANT ALL ON flash_sale.* TO 'flash_sale'@'127.0.0.1'".to_owned(),
+        ] {
+            sqlx::query(&statement).execute(&pool).await?;
+        }
+        pool.close().await;
+        let app = sqlx::MySqlPool::connect(&self.database_url()).await?;
+        flash_sale_common::db::MIGRATOR
+            .run(&app)
+            .await
+            .context("applying migrations")?;
+        app.close().await;
+        Ok(())
+    }
+
+    /// Runs mariadbd on the stack's data directory (again: on the same port).
+    fn spawn_mysql(&mut self) -> anyhow::Result<()> {
         let data = self.info.dir.join("mysql");
-        copy_dir(mariadb_template()?, &data)?;
-        let port = free_port()?;
+        let port = port_or_free(self.info.mysql_port)?;
         let mut cmd = Command::new(program("mariadbd")?);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
@@ -333,47 +411,18 @@ impl Stack {
         )?;
         self.info.mysql_port = port;
         self.mysql = Some(child);
-
-        // The application database and user, then the schema.
-        let root = format!("mysql://root@127.0.0.1:{port}/mysql");
-        let pool = sqlx::MySqlPool::connect(&root)
-            .await
-            .context("connecting as root")?;
-        for statement in [
-            "CREATE DATABASE flash_sale CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
-                .to_owned(),
-            format!(
-                "CREATE USER 'flash_sale'@'127.0.0.1' IDENTIFIED BY '{}'",
-                self.info.mysql_password
-            ),
-            "GRANT ALL ON flash_sale.* TO 'flash_sale'@'127.0.0.1'".to_owned(),
-        ] {
-            sqlx::query(&statement).execute(&pool).await?;
-        }
-        pool.close().await;
-        let app = sqlx::MySqlPool::connect(&self.database_url()).await?;
-        flash_sale_common::db::MIGRATOR
-            .run(&app)
-            .await
-            .context("applying migrations")?;
-        app.close().await;
         Ok(())
     }
 
-    /// Starts the broker (again, after [`Stack::stop_broker`]: on the same port and, with SQLite
-    /// storage, the same data).
-    pub fn start_broker(&mut self) -> anyhow::Result<()> {
-        let port = if self.info.broker_port == 0 {
-            free_port()?
-        } else {
-            self.info.broker_port
-        };
+    /// Starts the broker (again: on the same port and, with SQLite storage, the same data).
+    fn start_broker(&mut self) -> anyhow::Result<()> {
+        let port = port_or_free(self.info.broker_port)?;
         let url = format!("tcp://127.0.0.1:{port}");
         let storage = match self.info.broker_storage {
-            BrokerStorage::Sqlite => "sqlite://tansu.db",
-            BrokerStorage::Memory => "memory://tansu/",
+            BrokerStorage::Sqlite => "sqlite://broker.db",
+            BrokerStorage::Memory => "memory://broker/",
         };
-        let mut cmd = Command::new(program("tansu")?);
+        let mut cmd = Command::new(program(BROKER_PROGRAM)?);
         cmd.current_dir(&self.info.dir)
             .args([
                 "broker",
@@ -385,18 +434,15 @@ impl Stack {
             .args(["--storage-engine", storage])
             .env("RUST_LOG", "warn");
         let mut child = spawn_logged(cmd, &self.info.dir, "broker", self.detached)?;
-        wait_for_port(port, &mut child, "tansu", &self.info.dir.join("broker.log"))?;
+        wait_for_port(
+            port,
+            &mut child,
+            BROKER_PROGRAM,
+            &self.info.dir.join("broker.log"),
+        )?;
         self.info.broker_port = port;
         self.broker = Some(child);
         Ok(())
-    }
-
-    /// Kills the broker (SIGKILL: a crash, not a clean stop).
-    pub fn stop_broker(&mut self) {
-        if let Some(mut child) = self.broker.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 
     /// Stops every process listed in `info` (a stack detached by an earlier command).

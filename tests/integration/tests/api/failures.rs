@@ -4,6 +4,7 @@ use flash_sale_common::configuration::Secret;
 use flash_sale_common::redis::Redis;
 use flash_sale_tests::apps::{TestApps, order_settings, spawn_order_service};
 use flash_sale_tests::scenario::{SaleConfig, drive_sale};
+use flash_sale_tests::stack::Server;
 use order_service::consumer::OrderConsumer;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +34,7 @@ async fn a_failed_publish_undoes_the_reservation_and_answers_503() {
         .await
         .unwrap();
 
-    apps.stack.stop_broker();
+    apps.stack.kill(Server::Broker);
     let (status, body) = create_order(&apps, 2, 1).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "SERVICE_UNAVAILABLE");
@@ -101,6 +102,7 @@ async fn a_consumer_that_dies_after_the_db_commit_duplicates_nothing() {
         concurrency: 20,
         repeat_every: 0,
         first_user: 1,
+        retry_ms: 0,
     };
     let load = drive_sale(&apps.http, &apps.order.base_url, &config).await;
     assert_eq!(load.accepted.len(), 300, "{load}");
@@ -148,10 +150,11 @@ async fn a_consumer_that_dies_after_the_db_commit_duplicates_nothing() {
     assert_eq!(report.orders, 300, "each accepted order exactly once");
 }
 
-/// order-service is killed (its tasks dropped mid-flight) while the consumer drains a backlog;
-/// a fresh one takes over and every accepted order ends up in MySQL exactly once.
+/// order-service's tasks are aborted (dropped mid-flight, in this process: not a crash, whose
+/// drill is `cargo xtask drill --part order-service`) while the consumer drains a backlog; a
+/// fresh one takes over and every accepted order ends up in MySQL exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_order_service_killed_mid_drain_loses_and_duplicates_nothing() {
+async fn an_order_service_aborted_mid_drain_loses_and_duplicates_nothing() {
     let apps = spawn_apps().await;
     apps.admin().create_activity(1, 1500).await.unwrap();
     let config = SaleConfig {
@@ -161,6 +164,7 @@ async fn an_order_service_killed_mid_drain_loses_and_duplicates_nothing() {
         concurrency: 100,
         repeat_every: 3,
         first_user: 1,
+        retry_ms: 0,
     };
     let load = drive_sale(&apps.http, &apps.order.base_url, &config).await;
     assert_eq!(load.count_5xx(), 0, "{load}");
@@ -174,7 +178,7 @@ async fn an_order_service_killed_mid_drain_loses_and_duplicates_nothing() {
     let stores = stack_stores(&stack).await;
     let in_mysql = stores.order_count(1).await.unwrap();
     println!(
-        "{in_mysql} of {} orders in MySQL when order-service was killed",
+        "{in_mysql} of {} orders in MySQL when order-service was aborted",
         load.accepted.len()
     );
 
@@ -207,6 +211,7 @@ async fn a_drain_mid_sale_answers_in_flight_requests_and_loses_nothing() {
         concurrency: 50,
         repeat_every: 0,
         first_user: 1,
+        retry_ms: 0,
     };
     let TestApps {
         order,

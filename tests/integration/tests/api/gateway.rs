@@ -39,6 +39,7 @@ async fn a_sale_through_the_gateway_keeps_every_invariant() {
         concurrency: 200,
         repeat_every: 3,
         first_user: 1,
+        retry_ms: 0,
     };
     let load = drive_sale(&apps.http, &gateway.base_url, &config).await;
     println!("{load}");

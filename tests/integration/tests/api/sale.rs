@@ -14,6 +14,7 @@ async fn many_more_buyers_than_stock_keep_every_invariant() {
         concurrency: 200,
         repeat_every: 3,
         first_user: 1,
+        retry_ms: 0,
     };
     apps.admin()
         .create_activity(config.activity, config.stock)
