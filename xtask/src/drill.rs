@@ -29,17 +29,20 @@ enum Part {
     InventoryService,
     Gateway,
     Redis,
+    /// Redis killed and restarted from a copy of its files a second old (a lost last second).
+    RedisLoss,
     Broker,
     Mariadb,
     OrderServicePair,
 }
 
 impl Part {
-    const ALL: [Part; 7] = [
+    const ALL: [Part; 8] = [
         Part::OrderService,
         Part::InventoryService,
         Part::Gateway,
         Part::Redis,
+        Part::RedisLoss,
         Part::Broker,
         Part::Mariadb,
         Part::OrderServicePair,
@@ -51,6 +54,7 @@ impl Part {
             Part::InventoryService => "inventory-service",
             Part::Gateway => "gateway",
             Part::Redis => "redis",
+            Part::RedisLoss => "redis-loss",
             Part::Broker => "broker",
             Part::Mariadb => "mariadb",
             Part::OrderServicePair => "order-service-pair",
@@ -70,7 +74,7 @@ impl Part {
     /// The stack's server behind this part, for the parts that are servers.
     const fn server(self) -> Option<Server> {
         match self {
-            Part::Redis => Some(Server::Redis),
+            Part::Redis | Part::RedisLoss => Some(Server::Redis),
             Part::Broker => Some(Server::Broker),
             Part::Mariadb => Some(Server::Mysql),
             _ => None,
@@ -102,6 +106,9 @@ const SHORT: Size = Size {
 
 /// How long a killed part stays down before its restart.
 const DOWN_FOR: Duration = Duration::from_secs(2);
+
+/// The most `redis-loss` loses of Redis' writes: `appendfsync everysec`'s window.
+const LOST_WRITES: Duration = Duration::from_secs(1);
 
 /// How long a buyer goes on retrying (longer than any part's way back).
 const BUYER_PATIENCE: Duration = Duration::from_secs(60);
@@ -295,7 +302,7 @@ impl System {
             Part::InventoryService => Some(&mut self.inventory),
             Part::Gateway => Some(&mut self.gateway),
             Part::OrderServicePair => self.second_order.as_mut(),
-            Part::Redis | Part::Broker | Part::Mariadb => None,
+            Part::Redis | Part::RedisLoss | Part::Broker | Part::Mariadb => None,
         }
     }
 
@@ -396,10 +403,34 @@ async fn run_drill(system: &mut System, part: Part, size: Size) -> anyhow::Resul
         tokio::spawn(async move { drive_sale(&http, &gateway_url, &config).await })
     };
 
-    wait_until_sold(&system.stores().await?, ACTIVITY, size.stock / 3, &load).await?;
+    let stores = system.stores().await?;
+    let copied_at = if part == Part::RedisLoss {
+        // The copy is taken a sixth into the sale and the kill comes a sixth later (a second
+        // at most): the writes between are what `appendfsync everysec` may lose.
+        wait_until_sold(&stores, ACTIVITY, size.stock / 6, &load).await?;
+        system.stack.copy_redis_data()?;
+        let copied_at = Instant::now();
+        tokio::time::timeout(
+            LOST_WRITES,
+            wait_until_sold(&stores, ACTIVITY, size.stock / 6, &load),
+        )
+        .await
+        .unwrap_or(Ok(()))?;
+        Some(copied_at)
+    } else {
+        wait_until_sold(&stores, ACTIVITY, size.stock / 3, &load).await?;
+        None
+    };
     system.kill(part);
     let killed_at = Instant::now();
     println!("  killed {} (SIGKILL)", part.name());
+    if let Some(copied_at) = copied_at {
+        system.stack.restore_redis_copy()?;
+        println!(
+            "  put back the copy of Redis' files taken {:.2} s before the kill",
+            killed_at.duration_since(copied_at).as_secs_f64()
+        );
+    }
     let restarted = part != Part::OrderServicePair;
     let back_at = if !restarted {
         killed_at
@@ -465,11 +496,12 @@ async fn wait_until_sold(
 }
 
 /// Waits until no reservation is pending (every accepted order in MySQL, every unacknowledged
-/// reservation released); the moment it happened, or `None` after [`DRAIN_LIMIT`].
+/// reservation released) and Redis' counters are verified (rebuilt after a Redis restart); the
+/// moment it happened, or `None` after [`DRAIN_LIMIT`].
 async fn wait_for_drain(stores: &Stores, activity: i64) -> anyhow::Result<Option<Instant>> {
     let deadline = Instant::now() + DRAIN_LIMIT;
     while Instant::now() < deadline {
-        if stores.pending(activity).await? == 0 {
+        if stores.pending(activity).await? == 0 && stores.verified(activity).await? {
             return Ok(Some(Instant::now()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

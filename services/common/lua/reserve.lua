@@ -5,9 +5,16 @@
 --   { 1, stock left}  reserved        { 0, stock left}  not enough stock
 --   {-1, 0} user already bought       {-2, start_ms}    sale not started
 --   {-3, 0} sale ended                {-4, 0}           activity not warmed up (unknown)
-local window = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms')
+--   {-5, 0} unverified: these counters were not built by this Redis process (it restarted or a
+--           replica took over, and may have lost its last writes) and must be rebuilt first
+local window = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'epoch')
 if not window[1] then
   return {-4, 0}
+end
+-- LASTSAVE is this process's start time until its first RDB save: a restarted or promoted Redis
+-- answers a value other than the one stamped by the warm-up or the last rebuild.
+if window[3] ~= tostring(redis.call('LASTSAVE')) then
+  return {-5, 0}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

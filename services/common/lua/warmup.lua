@@ -11,5 +11,7 @@ redis.call('SET', KEYS[2], ARGV[3])
 for i = 5, #ARGV do
   redis.call('SADD', KEYS[3], ARGV[i])
 end
-redis.call('HSET', KEYS[1], 'start_ms', ARGV[1], 'end_ms', ARGV[2], 'total', ARGV[4])
+-- Counters built by this process from MySQL are verified: stamp them with its epoch.
+redis.call('HSET', KEYS[1], 'start_ms', ARGV[1], 'end_ms', ARGV[2], 'total', ARGV[4],
+  'epoch', tostring(redis.call('LASTSAVE')))
 return 1

@@ -107,6 +107,8 @@ pub struct Scripts {
     pub warmup: Script,
     pub adjust: Script,
     pub snapshot: Script,
+    pub rebuild: Script,
+    pub verified: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -117,17 +119,28 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     warmup: Script::new(include_str!("../lua/warmup.lua")),
     adjust: Script::new(include_str!("../lua/adjust.lua")),
     snapshot: Script::new(include_str!("../lua/snapshot.lua")),
+    rebuild: Script::new(include_str!("../lua/rebuild.lua")),
+    verified: Script::new(include_str!("../lua/verified.lua")),
 });
 
 /// What the reserve script decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReserveOutcome {
-    Reserved { stock_left: i64 },
-    SoldOut { stock_left: i64 },
+    Reserved {
+        stock_left: i64,
+    },
+    SoldOut {
+        stock_left: i64,
+    },
     AlreadyPurchased,
-    NotStarted { starts_ms: i64 },
+    NotStarted {
+        starts_ms: i64,
+    },
     Ended,
     UnknownActivity,
+    /// The counters were not built by this Redis process (it restarted, or a replica took over)
+    /// and may miss its last writes: nothing sells until they are rebuilt from MySQL.
+    Unverified,
 }
 
 impl ReserveOutcome {
@@ -139,6 +152,7 @@ impl ReserveOutcome {
             -2 => Self::NotStarted { starts_ms: value },
             -3 => Self::Ended,
             -4 => Self::UnknownActivity,
+            -5 => Self::Unverified,
             other => return Err(RedisFailure::Protocol(format!("reserve returned {other}"))),
         })
     }
@@ -367,6 +381,53 @@ impl Redis {
     }
 
     /// An atomic view of an activity's Redis counters.
+    /// Order numbers of the reservations not yet settled into MySQL.
+    pub async fn pending_order_nos(
+        &self,
+        activity: ActivityId,
+    ) -> Result<Vec<String>, RedisFailure> {
+        let k = ActivityKeys::new(activity);
+        self.query(redis::cmd("HKEYS").arg(&k.resv)).await
+    }
+
+    /// Whether the activity's counters carry this Redis process's epoch (`verified.lua`): true
+    /// also for an activity that is not warmed up (there is nothing to rebuild).
+    pub async fn is_verified(&self, activity: ActivityId) -> Result<bool, RedisFailure> {
+        let k = ActivityKeys::new(activity);
+        let mut inv = SCRIPTS.verified.prepare_invoke();
+        inv.key(&k.meta);
+        let code: i64 = self.run("verified", &inv).await?;
+        Ok(code != 0)
+    }
+
+    /// Rebuilds unverified counters from MySQL's `stock` and `buyers` (`rebuild.lua`): stock =
+    /// MySQL's minus what pending reservations hold, buyers added, this process's epoch stamped.
+    /// `Some((true, stock))` rebuilt, `Some((false, stock))` already verified, `None` not warmed
+    /// up.
+    pub async fn rebuild(
+        &self,
+        activity: ActivityId,
+        stock: i64,
+        buyers: &[i64],
+    ) -> Result<Option<(bool, i64)>, RedisFailure> {
+        let k = ActivityKeys::new(activity);
+        let mut inv = SCRIPTS.rebuild.prepare_invoke();
+        inv.key(&k.meta)
+            .key(&k.stock)
+            .key(&k.users)
+            .key(&k.resv)
+            .arg(stock);
+        for user in buyers {
+            inv.arg(*user);
+        }
+        let (code, stock): (i64, i64) = self.run("rebuild", &inv).await?;
+        Ok(match code {
+            1 => Some((true, stock)),
+            0 => Some((false, stock)),
+            _ => None,
+        })
+    }
+
     pub async fn snapshot(&self, activity: ActivityId) -> Result<Snapshot, RedisFailure> {
         let k = ActivityKeys::new(activity);
         let mut inv = SCRIPTS.snapshot.prepare_invoke();

@@ -5,6 +5,8 @@ use flash_sale_common::db::is_duplicate_key;
 use flash_sale_common::domain::ActivityId;
 use sqlx::MySqlPool;
 
+pub use flash_sale_common::db::{buyers, current, existing_orders};
+
 /// One row of `inventory`, with what `orders` says about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Activity {
@@ -72,20 +74,6 @@ pub async fn list(db: &MySqlPool) -> Result<Vec<Activity>, sqlx::Error> {
     Ok(rows.into_iter().filter_map(from_row).collect())
 }
 
-/// Activities the scheduled jobs look after: not ended more than a day ago.
-pub async fn current(db: &MySqlPool) -> Result<Vec<ActivityId>, sqlx::Error> {
-    let ids: Vec<(i64,)> = sqlx::query_as(
-        "SELECT activity_id FROM inventory \
-         WHERE end_time IS NULL OR end_time > UTC_TIMESTAMP(3) - INTERVAL 1 DAY",
-    )
-    .fetch_all(db)
-    .await?;
-    Ok(ids
-        .into_iter()
-        .filter_map(|(id,)| ActivityId::new(id))
-        .collect())
-}
-
 /// Inserts a new activity. `Ok(false)` if the id is taken.
 pub async fn create(db: &MySqlPool, new: &NewActivity) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
@@ -133,31 +121,4 @@ pub async fn fill_total(db: &MySqlPool, id: ActivityId) -> Result<(), sqlx::Erro
     .execute(db)
     .await?;
     Ok(())
-}
-
-/// Buyers who hold an order in MySQL.
-pub async fn buyers(db: &MySqlPool, id: ActivityId) -> Result<Vec<i64>, sqlx::Error> {
-    let rows: Vec<(i64,)> = sqlx::query_as("SELECT user_id FROM orders WHERE activity_id = ?")
-        .bind(id.get())
-        .fetch_all(db)
-        .await?;
-    Ok(rows.into_iter().map(|(u,)| u).collect())
-}
-
-/// Which of these order numbers are in MySQL.
-pub async fn existing_orders(
-    db: &MySqlPool,
-    order_nos: &[String],
-) -> Result<Vec<String>, sqlx::Error> {
-    if order_nos.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut q = sqlx::QueryBuilder::new("SELECT order_no FROM orders WHERE order_no IN (");
-    let mut sep = q.separated(", ");
-    for no in order_nos {
-        sep.push_bind(no);
-    }
-    q.push(")");
-    let rows: Vec<(String,)> = q.build_query_as().fetch_all(db).await?;
-    Ok(rows.into_iter().map(|(n,)| n).collect())
 }

@@ -16,6 +16,7 @@
 
 pub mod configuration;
 pub mod consumer;
+pub mod fence;
 pub mod publisher;
 pub mod routes;
 pub mod sold_out;

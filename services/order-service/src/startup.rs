@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::Settings;
 use crate::consumer::OrderConsumer;
+use crate::fence::{RedisGuard, Unverified};
 use crate::publisher::{self, Publisher};
 use crate::routes;
 use crate::sold_out::SoldOut;
@@ -27,6 +28,7 @@ pub struct Application {
     management: TcpListener,
     state: AppState,
     consumer: Option<OrderConsumer>,
+    guard: RedisGuard,
     readiness: Readiness,
 }
 
@@ -61,9 +63,18 @@ impl Application {
         } else {
             None
         };
+        let unverified = Arc::new(Unverified::default());
+        let guard = RedisGuard::new(
+            &settings.kafka,
+            unverified.clone(),
+            redis.clone(),
+            db.clone(),
+        )
+        .context("creating the Redis guard's Kafka client")?;
         let state = AppState {
             redis,
             db,
+            unverified,
             publisher,
             sold_out: Arc::new(SoldOut::new(Duration::from_millis(
                 settings.order.sold_out_ttl_ms,
@@ -82,6 +93,7 @@ impl Application {
             management: management_listener,
             state,
             consumer,
+            guard,
             readiness,
         })
     }
@@ -104,6 +116,7 @@ impl Application {
             management,
             state,
             consumer,
+            guard,
             readiness,
         } = self;
         let publisher = state.publisher.clone();
@@ -128,6 +141,11 @@ impl Application {
                 ("order consumer", Ok(()))
             });
         }
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            guard.run(stop).await;
+            ("redis guard", Ok(()))
+        });
         readiness.set_ready(true);
         tracing::info!("order-service ready");
 

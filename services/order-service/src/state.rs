@@ -6,6 +6,7 @@ use flash_sale_common::redis::Redis;
 use sqlx::MySqlPool;
 
 use crate::configuration::OrderSettings;
+use crate::fence::Unverified;
 use crate::publisher::Publisher;
 use crate::sold_out::SoldOut;
 
@@ -15,5 +16,7 @@ pub struct AppState {
     pub db: MySqlPool,
     pub publisher: Publisher,
     pub sold_out: Arc<SoldOut>,
+    /// Activities whose Redis counters must be rebuilt before they sell again (`fence`).
+    pub unverified: Arc<Unverified>,
     pub settings: Arc<OrderSettings>,
 }

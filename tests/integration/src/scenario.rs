@@ -347,7 +347,20 @@ impl Stores {
         Ok(n)
     }
 
-    /// Waits until every reservation is settled into MySQL (the queue has drained).
+    /// Whether Redis' counters of the activity were built by the running Redis process (after a
+    /// Redis restart, order-service rebuilds them from MySQL before they sell again).
+    pub async fn verified(&self, activity: i64) -> anyhow::Result<bool> {
+        let mut conn = self.redis.clone();
+        let code: i64 = flash_sale_common::redis::SCRIPTS
+            .verified
+            .key(format!("fs:{{act:{activity}}}:meta"))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(code != 0)
+    }
+
+    /// Waits until every reservation is settled into MySQL (the queue has drained) and Redis'
+    /// counters are verified.
     pub async fn wait_for_drain(
         &self,
         activity: i64,
@@ -355,7 +368,7 @@ impl Stores {
     ) -> anyhow::Result<Duration> {
         let started = Instant::now();
         loop {
-            if self.pending(activity).await? == 0 {
+            if self.pending(activity).await? == 0 && self.verified(activity).await? {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > timeout {

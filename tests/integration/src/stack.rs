@@ -312,6 +312,31 @@ impl Stack {
         Ok(())
     }
 
+    /// Copies Redis' append-only files as they are now: what a replica that is behind, or a disk
+    /// whose last second was never synced, would hold after a crash.
+    pub fn copy_redis_data(&self) -> anyhow::Result<()> {
+        let (aof, copy) = self.redis_aof_dirs();
+        let _ = std::fs::remove_dir_all(&copy);
+        copy_dir(&aof, &copy)
+    }
+
+    /// After [`Stack::kill`] of Redis: puts the copy of [`Stack::copy_redis_data`] in place of
+    /// its append-only files, so the restart comes back without what was written since.
+    pub fn restore_redis_copy(&self) -> anyhow::Result<()> {
+        let (aof, copy) = self.redis_aof_dirs();
+        std::fs::remove_dir_all(&aof).context("removing Redis' append-only files")?;
+        std::fs::rename(&copy, &aof).context("restoring the copy of Redis' files")?;
+        Ok(())
+    }
+
+    fn redis_aof_dirs(&self) -> (PathBuf, PathBuf) {
+        // Redis 7 keeps its multi-part append-only file in `appendonlydir` under `--dir`.
+        (
+            self.info.dir.join("appendonlydir"),
+            self.info.dir.join("appendonlydir.copy"),
+        )
+    }
+
     fn child(&mut self, server: Server) -> &mut Option<Child> {
         match server {
             Server::Redis => &mut self.redis,

@@ -196,6 +196,17 @@ async fn buy(
                 )),
             );
         }
+        Ok(ReserveOutcome::Unverified) => {
+            state.unverified.mark(activity);
+            return (
+                "unverified",
+                Err(ApiError::new(
+                    ErrorCode::ServiceUnavailable,
+                    "stock is being verified after a Redis restart; retry in a moment",
+                )
+                .retry_after(1)),
+            );
+        }
         Err(RedisFailure::Busy) => {
             return (
                 "overloaded",
