@@ -24,6 +24,8 @@ let
         runtimeInputs = [ binaries.xtask ] ++ tools;
         text = ''
           export FLASH_SALE_BIN_DIR=${bin}/bin
+          # nixpkgs has no nisshi; tansu takes the same command line (docs/nix.md).
+          export FLASH_SALE_BROKER_PROGRAM=${lib.getExe' pkgs.tansu "tansu"}
           exec xtask ${command} "$@"
         '';
       };
@@ -38,7 +40,7 @@ in
   sale = xtaskApp {
     name = "sale";
     command = "sale";
-    tools = [ bin pkgs.redis pkgs.mariadb pkgs.tansu pkgs.hey ];
+    tools = [ bin pkgs.redis pkgs.mariadb pkgs.hey ];
     description = "Start the stack and the services, run a flash sale, print the report and the invariant check";
   };
 

@@ -44,6 +44,9 @@
     ];
 
     SQLX_OFFLINE = "true";
+    # nixpkgs has no nisshi: the local stack runs tansu, which lacks the consumer-group takeover
+    # the crash drills need (docs/nix.md); `cargo xtask drill` wants nisshi from cargo.
+    FLASH_SALE_BROKER_PROGRAM = "${pkgs.tansu}/bin/tansu";
   };
 }
 

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use flash_sale_tests::stack::{BROKER_PROGRAM, find_program};
+use flash_sale_tests::stack::{BROKER_PROGRAM, BROKER_PROGRAM_ENV, find_program};
 
 /// The broker's crate, its pinned version and the features of its SQLite log.
 const BROKER_CRATE: (&str, &str, &str) = ("nisshi", "0.8.1", "dynostore,libsql");
@@ -36,7 +36,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
         args.extend(&packages);
         sh(&sudo, "apt-get", &args)?;
     }
-    if find_program(BROKER_PROGRAM).is_none() {
+    let broker_given = std::env::var_os(BROKER_PROGRAM_ENV).is_some();
+    if !broker_given && find_program(BROKER_PROGRAM).is_none() {
         install_broker()?;
     }
     for (program, package) in APT {
@@ -44,7 +45,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
             bail!("{program} is still missing after installing {package}");
         }
     }
-    if find_program(BROKER_PROGRAM).is_none() {
+    if !broker_given && find_program(BROKER_PROGRAM).is_none() {
         bail!("{BROKER_PROGRAM} is still missing after cargo install");
     }
     Ok(())

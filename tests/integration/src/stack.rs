@@ -87,6 +87,18 @@ pub enum Server {
 /// died without a LeaveGroup (tansu 0.6 never did: docs/decisions.md).
 pub const BROKER_PROGRAM: &str = "nisshi";
 
+/// Names another broker program with the same command line (`broker --listener-url ...
+/// --storage-engine ...`): `nix run .#sale` sets it to nixpkgs' tansu, which has no nisshi.
+pub const BROKER_PROGRAM_ENV: &str = "FLASH_SALE_BROKER_PROGRAM";
+
+/// The broker program in force: [`BROKER_PROGRAM_ENV`] if set, else [`BROKER_PROGRAM`].
+fn broker_program() -> anyhow::Result<PathBuf> {
+    match std::env::var_os(BROKER_PROGRAM_ENV) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => program(BROKER_PROGRAM),
+    }
+}
+
 /// The three servers the stack needs, with how to install them on Debian.
 pub const REQUIRED_TOOLS: &[(&str, &str)] = &[
     ("redis-server", "apt-get install redis-server"),
@@ -447,7 +459,7 @@ impl Stack {
             BrokerStorage::Sqlite => "sqlite://broker.db",
             BrokerStorage::Memory => "memory://broker/",
         };
-        let mut cmd = Command::new(program(BROKER_PROGRAM)?);
+        let mut cmd = Command::new(broker_program()?);
         cmd.current_dir(&self.info.dir)
             .args([
                 "broker",

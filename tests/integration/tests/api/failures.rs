@@ -67,8 +67,8 @@ async fn a_failed_publish_undoes_the_reservation_and_answers_503() {
     let report = stores.check_invariants(1, 10, &[]).await.unwrap();
     assert_eq!(report.ordered, 1);
     assert!(report.conservation(), "{report}");
-    // Bringing the broker back under the same pod is not tested: tansu 0.6.0 misbehaves after a
-    // restart (docs/decisions.md).
+    // Bringing the broker back under a running order-service is the crash drill's part
+    // (`cargo xtask drill --part broker`, docs/drills.md).
 }
 
 /// The consumer stores a batch in MySQL and is dropped before committing its offsets (the point
