@@ -164,8 +164,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         .filter(|r| !r.passed())
         .map(|r| r.part)
         .collect();
+    println!(
+        "drills: {} passed, {} failed",
+        rows.len() - failed.len(),
+        failed.len()
+    );
     ensure!(failed.is_empty(), "drills failed: {}", failed.join(", "));
-    println!("every drill passed");
     Ok(())
 }
 

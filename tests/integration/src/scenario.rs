@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use flash_sale_common::domain::ActivityId;
+use flash_sale_common::redis::ActivityKeys;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
@@ -303,6 +305,12 @@ struct Part {
     retries: usize,
 }
 
+/// The Redis keys of an activity, as the services name them.
+fn keys(activity: i64) -> anyhow::Result<ActivityKeys> {
+    let id = ActivityId::new(activity).with_context(|| format!("{activity} is no activity id"))?;
+    Ok(ActivityKeys::new(id))
+}
+
 /// Direct access to the stores, for the drain wait and the invariant check.
 pub struct Stores {
     pub db: MySqlPool,
@@ -329,13 +337,13 @@ impl Stores {
 
     /// Redis' available stock of an activity.
     pub async fn redis_stock(&self, activity: i64) -> anyhow::Result<i64> {
-        self.redis_i64(redis::cmd("GET").arg(format!("fs:{{act:{activity}}}:stock")))
+        self.redis_i64(redis::cmd("GET").arg(keys(activity)?.stock))
             .await
     }
 
     /// Reservations Redis holds that are not yet settled into MySQL.
     pub async fn pending(&self, activity: i64) -> anyhow::Result<i64> {
-        self.redis_i64(redis::cmd("HLEN").arg(format!("fs:{{act:{activity}}}:resv")))
+        self.redis_i64(redis::cmd("HLEN").arg(keys(activity)?.resv))
             .await
     }
 
@@ -353,7 +361,7 @@ impl Stores {
         let mut conn = self.redis.clone();
         let code: i64 = flash_sale_common::redis::SCRIPTS
             .verified
-            .key(format!("fs:{{act:{activity}}}:meta"))
+            .key(keys(activity)?.meta)
             .invoke_async(&mut conn)
             .await?;
         Ok(code != 0)

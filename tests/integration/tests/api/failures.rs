@@ -1,7 +1,8 @@
 use std::time::Duration;
 
 use flash_sale_common::configuration::Secret;
-use flash_sale_common::redis::Redis;
+use flash_sale_common::domain::ActivityId;
+use flash_sale_common::redis::{ActivityKeys, Redis};
 use flash_sale_tests::apps::{TestApps, order_settings, spawn_order_service};
 use flash_sale_tests::scenario::{SaleConfig, drive_sale};
 use flash_sale_tests::stack::Server;
@@ -13,7 +14,7 @@ use crate::helpers::*;
 async fn users_holding(apps: &TestApps, activity: i64) -> i64 {
     let mut conn = stores(apps).await.redis;
     redis::cmd("SCARD")
-        .arg(format!("fs:{{act:{activity}}}:users"))
+        .arg(ActivityKeys::new(ActivityId::new(activity).unwrap()).users)
         .query_async(&mut conn)
         .await
         .unwrap()
@@ -59,7 +60,7 @@ async fn a_failed_publish_undoes_the_reservation_and_answers_503() {
     // message can become an order later (the release left a tombstone for it).
     let mut conn = stores.redis.clone();
     let tombstones: i64 = redis::cmd("ZCARD")
-        .arg("fs:{act:1}:released")
+        .arg(ActivityKeys::new(ActivityId::new(1).unwrap()).released)
         .query_async(&mut conn)
         .await
         .unwrap();
