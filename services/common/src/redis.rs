@@ -20,7 +20,8 @@ use crate::domain::{ActivityId, OrderNo, Quantity, UserId};
 /// The keys of one activity.
 #[derive(Debug, Clone)]
 pub struct ActivityKeys {
-    /// Hash: `start_ms`, `end_ms` (-1 = open ended), `total`. Its presence means "warmed up".
+    /// Hash: `start_ms`, `end_ms` (-1 = open ended), `total`, `epoch` (the `LASTSAVE` of the
+    /// Redis process that built the counters: `fence`). Its presence means "warmed up".
     pub meta: String,
     /// String: available stock.
     pub stock: String,
