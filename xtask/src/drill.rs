@@ -460,9 +460,14 @@ async fn run_drill(system: &mut System, part: Part, size: Size) -> anyhow::Resul
         .map(|t| t.duration_since(back_at).as_secs_f64());
 
     let stores = system.stores().await?;
-    let drained = wait_for_drain(&stores, ACTIVITY)
-        .await?
-        .map(|t| t.duration_since(back_at).as_secs_f64());
+    // The same wait as the main job's: nothing pending and the counters verified.
+    let drained = match stores.wait_for_drain(ACTIVITY, DRAIN_LIMIT).await {
+        Ok(_) => Some(back_at.elapsed().as_secs_f64()),
+        Err(error) => {
+            println!("  {error:#}");
+            None
+        }
+    };
     let report = stores
         .check_invariants(ACTIVITY, size.stock, &load.accepted)
         .await?;
@@ -497,21 +502,6 @@ async fn wait_until_sold(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// Waits until no reservation is pending (every accepted order in MySQL, every unacknowledged
-/// reservation released) and Redis' counters are verified (rebuilt after a Redis restart); the
-/// moment it happened, or `None` after [`DRAIN_LIMIT`].
-async fn wait_for_drain(stores: &Stores, activity: i64) -> anyhow::Result<Option<Instant>> {
-    let deadline = Instant::now() + DRAIN_LIMIT;
-    while Instant::now() < deadline {
-        if stores.pending(activity).await? == 0 && stores.verified(activity).await? {
-            return Ok(Some(Instant::now()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!("  the queue did not drain within {DRAIN_LIMIT:?}");
-    Ok(None)
 }
 
 /// Invariant 5 through the gateway: each bad request gets a 4xx JSON error with a code and a
