@@ -2,7 +2,7 @@
 # MariaDB and the three services as systemd units, then the sale scenario that
 # the local integration suite runs (the `flash-sale-scenario` binary of cargo
 # package flash-sale-tests) drives a sale through the gateway and checks the
-# invariants of DESIGN.md, exiting non-zero on a violation.
+# invariants of docs/design.md, exiting non-zero on a violation.
 #
 # Redpanda is what the Kubernetes bundle runs, but nixpkgs has no Redpanda
 # server; Apache Kafka speaks the same protocol to librdkafka.
@@ -174,7 +174,7 @@ pkgs.testers.runNixOSTest {
     '') (builtins.attrNames services)}
 
     # The same scenario as the local integration suite; it exits non-zero when
-    # an invariant of DESIGN.md does not hold.
+    # an invariant of docs/design.md does not hold.
     print(machine.succeed("timeout 1200 ${scenario} 2>&1"))
 
     # A second look at what MySQL holds, independent of the scenario's code:

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: order-service's paths measured against a baseline taken in the same run
 //! on the same machine: a bare axum handler that parses the same body and makes one Redis Lua
-//! call through one multiplexed connection (the issue's reference point). Load comes from `wrk`
-//! (a separate process, 2 threads), on 127.0.0.1 only, for a bounded time.
+//! call through one multiplexed connection (the reference point of docs/performance.md). Load
+//! comes from `wrk` (a separate process, 2 threads), on 127.0.0.1 only, for a bounded time.
 //!
 //! The accepted-order load runs in rounds (`--rounds`) of three: straight at order-service,
 //! through a bare proxy (`services/gateway/examples/bare_proxy.rs`: what any HTTP hop costs on
@@ -24,6 +24,10 @@ use flash_sale_tests::scenario::{Admin, Stores};
 use flash_sale_tests::stack::{BrokerStorage, Stack, free_port};
 
 use crate::services::{self, LOCAL_ADMIN_TOKEN};
+use flash_sale_common::api;
+use flash_sale_common::domain::ActivityId;
+use flash_sale_common::error::ErrorCode;
+use flash_sale_common::redis::ActivityKeys;
 
 /// One measured run.
 struct Run {
@@ -88,7 +92,10 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
     let stack = Stack::start_in(o.broker, Some(&root), false).await?;
     let info = stack.info().clone();
     let script = root.join("order.lua");
-    std::fs::write(&script, WRK_SCRIPT)?;
+    std::fs::write(
+        &script,
+        WRK_SCRIPT.replace("CREATE_PATH", api::order::CREATE),
+    )?;
     let mut runs = Vec::new();
 
     // Baseline: a bare axum handler, one Lua call per request, one multiplexed connection.
@@ -311,8 +318,8 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
         sold_out / base
     );
     println!(
-        "\ninvariants 1-4 of DESIGN.md held for every activity (no lost order by count: at least one \
-         MySQL order per 2xx answer)"
+        "\ninvariants 1-4 of docs/design.md held for every activity (no lost order by count: \
+         at least one MySQL order per 2xx answer)"
     );
     Ok(())
 }
@@ -333,9 +340,9 @@ fn by_round_and_median(values: &[f64]) -> String {
 /// Stock of each accepted-order activity: more than any run sells.
 const ACCEPTED_STOCK: i64 = 10_000_000;
 
-/// DESIGN.md's invariants for `activity` once its orders are settled: no oversell, no duplicate
-/// and conservation as `cargo xtask sale` checks them, and no lost order by count (wrk keeps no
-/// order numbers): MySQL holds at least one order per 2xx answer.
+/// The invariants of docs/design.md for `activity` once its orders are settled: no oversell, no
+/// duplicate and conservation as `cargo xtask sale` checks them, and no lost order by count (wrk
+/// keeps no order numbers): MySQL holds at least one order per 2xx answer.
 async fn check_invariants(
     stores: &Stores,
     activity: i64,
@@ -408,7 +415,8 @@ burst_capacity = 20000000
 requested_tokens = 1
 "#;
 
-/// wrk's request generator: the seed's body with a new user per request.
+/// wrk's request generator: the seed's body with a new user per request (`CREATE_PATH` is
+/// replaced by the route).
 const WRK_SCRIPT: &str = r#"
 -- Every wrk thread runs its own copy of this script with the same random seed, so users are
 -- numbered per thread instead of drawn at random: no two requests share a user.
@@ -422,7 +430,7 @@ local counter = 0
 request = function()
   counter = counter + 1
   local body = string.format('{"userId":"%d","activityId":"%s","quantity":1}', tid * 1000000000 + counter, activity)
-  return wrk.format("POST", "/api/flash-sale/order/create", {["Content-Type"] = "application/json"}, body)
+  return wrk.format("POST", "CREATE_PATH", {["Content-Type"] = "application/json"}, body)
 end
 "#;
 
@@ -544,19 +552,19 @@ async fn spawn_baseline(redis_url: &str) -> anyhow::Result<String> {
     let conn = client.get_multiplexed_async_connection().await?;
     let script = redis::Script::new("return redis.call('EXISTS', KEYS[1])");
     let app = Router::new().route(
-        "/api/flash-sale/order/create",
+        api::order::CREATE,
         post(move |axum::Json(body): axum::Json<serde_json::Value>| {
             let mut conn = conn.clone();
             let script = script.clone();
             async move {
-                let key = format!(
-                    "fs:{{act:{}}}:meta",
-                    body["activityId"].as_str().unwrap_or("0")
-                );
+                // The keys as the buy path builds them (an unknown activity: a key never set).
+                let key = ActivityId::parse(body.get("activityId"))
+                    .map(|activity| ActivityKeys::new(activity).meta)
+                    .unwrap_or_default();
                 let n: i64 = script.key(key).invoke_async(&mut conn).await.unwrap_or(-1);
                 (
                     axum::http::StatusCode::CONFLICT,
-                    axum::Json(serde_json::json!({"code": "SOLD_OUT", "message": n.to_string()})),
+                    axum::Json(serde_json::json!({"code": ErrorCode::SoldOut.as_str(), "message": n.to_string()})),
                 )
             }
         }),

@@ -2,8 +2,8 @@
 //! with buyers who retry on errors as people do, a SIGKILL of that part's process once a third of
 //! the stock is sold, a restart of the same binary with the same settings and ports two seconds
 //! later (what a supervisor does), then the drain and the reconciler, and invariants 1-5 of
-//! DESIGN.md read from MySQL and Redis directly. One table at the end; any lost, duplicated or
-//! oversold order, a broken conservation or a bad input that changed something fails the run.
+//! docs/design.md read from MySQL and Redis directly. One table at the end; any lost, duplicated
+//! or oversold order, a broken conservation or a bad input that changed something fails the run.
 //!
 //! `order-service-pair` runs two order-service processes (the gateway in front of the first),
 //! kills the second and does not restart it: the survivor's consumer must take over the dead
@@ -90,7 +90,7 @@ struct Size {
     concurrency: usize,
 }
 
-/// The operator's drill: the sale of the crash report in issue 13.
+/// The operator's drill (docs/drills.md): 1,500 items, 6,000 buyers.
 const FULL: Size = Size {
     stock: 1500,
     buyers: 6000,

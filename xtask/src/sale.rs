@@ -98,7 +98,7 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         let report = stores
             .check_invariants(o.sale.activity, o.sale.stock, &load.accepted)
             .await?;
-        println!("invariants (DESIGN.md)\n{report}");
+        println!("invariants (docs/design.md)\n{report}");
         let report_path = root.join("report.json");
         std::fs::write(
             &report_path,

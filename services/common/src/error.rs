@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::json::StrictObject;
+
 macro_rules! error_codes {
     ($($variant:ident => ($status:ident, $code:literal, $doc:literal),)*) => {
         /// Every error a service can answer with. The code string is part of the API.
@@ -35,6 +37,12 @@ macro_rules! error_codes {
             /// What the code means.
             pub const fn description(self) -> &'static str {
                 match self { $(ErrorCode::$variant => $doc,)* }
+            }
+
+            /// The code a wire string names, by the same table that writes it; `None` for a
+            /// string no service writes.
+            pub fn parse(code: &str) -> Option<Self> {
+                match code { $($code => Some(ErrorCode::$variant),)* _ => None }
             }
         }
     };
@@ -64,11 +72,38 @@ error_codes! {
     UpstreamTimeout => (GATEWAY_TIMEOUT, "UPSTREAM_TIMEOUT", "The downstream service did not answer in time."),
 }
 
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let code = <Cow<'de, str>>::deserialize(deserializer)?;
+        Self::parse(&code)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown error code {code:?}")))
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The JSON body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
+}
+
+impl ErrorBody {
+    /// The code of an error answer's body; `None` if the body is not one.
+    pub fn code_of(body: &[u8]) -> Option<ErrorCode> {
+        serde_json::from_slice::<Self>(body).ok().map(|b| b.code)
+    }
 }
 
 /// An error answer: a code from the table, a message for humans, an optional `Retry-After`.
@@ -117,7 +152,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            code: self.code.as_str().to_owned(),
+            code: self.code,
             message: self.message.into_owned(),
         };
         let mut response = (self.code.status(), axum::Json(body)).into_response();
@@ -166,8 +201,9 @@ where
     }
 }
 
-/// A JSON body that must be an object, deserialized into `T` by field name. serde would
-/// otherwise also accept an array and fill the fields by position (`[1, 2, 3]`).
+/// A JSON body that must be an object without a key twice ([`crate::json`]), deserialized into
+/// `T` by field name. serde would otherwise also accept an array and fill the fields by position
+/// (`[1, 2, 3]`), and keep the last of two equal keys.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JsonObject<T>(pub T);
 
@@ -179,8 +215,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Json(object) =
-            Json::<serde_json::Map<String, serde_json::Value>>::from_request(req, state).await?;
+        let Json(StrictObject(object)) = Json::<StrictObject>::from_request(req, state).await?;
         serde_json::from_value(serde_json::Value::Object(object))
             .map(JsonObject)
             .map_err(|e| ApiError::invalid(format!("the body does not fit: {e}")))
@@ -219,7 +254,17 @@ mod tests {
             assert!(seen.insert(s), "duplicate code {s}");
             assert!(s.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{s}");
             assert!(code.status().is_client_error() || code.status().is_server_error());
+            assert_eq!(
+                ErrorCode::parse(s),
+                Some(*code),
+                "read back by the same table"
+            );
         }
+        assert_eq!(
+            ErrorCode::parse("sold_out"),
+            None,
+            "codes are matched exactly"
+        );
     }
 
     #[tokio::test]
@@ -231,11 +276,16 @@ mod tests {
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let wire: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            wire["code"], "RATE_LIMITED",
+            "the code travels as its string"
+        );
         let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             body,
             ErrorBody {
-                code: "RATE_LIMITED".into(),
+                code: ErrorCode::RateLimited,
                 message: "slow down".into()
             }
         );

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{HeaderName, Method, Response};
+use axum::http::{Method, Response};
 use axum::response::IntoResponse;
 use axum::serve::{ListenerExt, TapIo};
 use metrics::{Counter, Gauge, Histogram};
@@ -29,10 +29,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::api::REQUEST_ID_HEADER;
 use crate::error::{ApiError, ErrorCode};
 use crate::telemetry;
-
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Wraps an app router with the common layers; `body_limit` is in bytes.
 pub fn with_common_layers(router: Router, body_limit: usize) -> Router {
@@ -42,16 +41,16 @@ pub fn with_common_layers(router: Router, body_limit: usize) -> Router {
         .layer(HttpMetricsLayer)
         .layer(
             ServiceBuilder::new()
-                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
                     let id = req
                         .headers()
-                        .get(REQUEST_ID)
+                        .get(REQUEST_ID_HEADER)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-");
                     tracing::debug_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
                 }))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
                 .layer(CatchPanicLayer::custom(panic_response))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )

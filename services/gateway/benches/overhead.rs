@@ -25,6 +25,7 @@ use axum::body::Bytes;
 use axum::http::{Request, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
+use flash_sale_common::api;
 use flash_sale_common::configuration::{ListenerSettings, Secret};
 use flash_sale_common::error::{ApiError, ErrorCode};
 use gateway::rules::{FlowRule, Grade, Rules};
@@ -42,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
-const CREATE: &str = "/api/flash-sale/order/create";
+const CREATE: &str = api::order::CREATE;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)

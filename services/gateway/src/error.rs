@@ -24,6 +24,8 @@ pub enum GatewayError {
     PayloadTooLarge,
     /// The client stopped sending its body.
     BodyNotReceived,
+    /// The buy path's body is JSON but not one object without a key twice.
+    InvalidBody(String),
     /// A flow rule refused the request.
     Blocked(Refusal),
     /// The upstream did not answer within the route's timeout.
@@ -76,6 +78,7 @@ impl IntoResponse for GatewayError {
             Self::BodyNotReceived => {
                 ApiError::new(ErrorCode::MalformedJson, "the body could not be read")
             }
+            Self::InvalidBody(reason) => ApiError::invalid(reason),
             Self::Blocked(refusal) => {
                 blocked = Some(refusal.reason.as_str());
                 refusal_error(&refusal)

@@ -21,8 +21,8 @@ use crate::error::GatewayError;
 use crate::identity::Caller;
 use crate::resource::{Downstream, RouteId};
 
-/// The header order-service trusts as the authenticated user.
-pub const USER_HEADER: HeaderName = HeaderName::from_static("x-user-id");
+use flash_sale_common::api::{REQUEST_ID_HEADER, USER_HEADER};
+
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
@@ -160,7 +160,7 @@ impl Upstream {
                 headers.insert(FORWARDED_FOR, value);
             }
         }
-        let request_id = headers.get(flash_sale_common::http::REQUEST_ID).cloned();
+        let request_id = headers.get(REQUEST_ID_HEADER).cloned();
         let request_id = || {
             request_id
                 .as_ref()

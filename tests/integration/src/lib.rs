@@ -5,7 +5,7 @@
 //!   127.0.0.1 ports under a temporary directory, torn down on drop.
 //! - [`apps`]: the services running in-process against a stack (`spawn_app`), on port 0.
 //! - [`scenario`]: a sale driven through the public API, with the report and the invariant check
-//!   of DESIGN.md; the same code runs in the tests, in `cargo xtask sale` and in the NixOS VM
+//!   of docs/design.md; the same code runs in the tests, in `cargo xtask sale` and in the NixOS VM
 //!   test (`flash-sale-scenario`).
 
 pub mod apps;

@@ -1,4 +1,4 @@
-//! A flash sale driven through the public API, and the invariant check of DESIGN.md.
+//! A flash sale driven through the public API, and the invariant check of docs/design.md.
 //!
 //! The same code runs in the integration tests, in `cargo xtask sale` (the README's main job) and
 //! in the NixOS VM test (the `flash-sale-scenario` binary).
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use flash_sale_common::api;
 use flash_sale_common::domain::ActivityId;
 use flash_sale_common::redis::ActivityKeys;
 use serde::{Deserialize, Serialize};
@@ -63,7 +64,7 @@ impl Admin {
         let end = chrono_now_rfc3339(3600);
         self.call(
             reqwest::Method::POST,
-            "/api/inventory/activities",
+            api::inventory::ACTIVITIES,
             Some(json!({"activityId": id.to_string(), "name": format!("sale {id}"), "stock": stock, "startTime": now, "endTime": end})),
         )
         .await
@@ -72,14 +73,14 @@ impl Admin {
     pub async fn activity(&self, id: i64) -> anyhow::Result<Value> {
         self.call(
             reqwest::Method::GET,
-            &format!("/api/inventory/activities/{id}"),
+            &api::inventory::activity(id, ""),
             None,
         )
         .await
     }
 
     pub async fn reconcile(&self) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::POST, "/api/inventory/reconcile", None)
+        self.call(reqwest::Method::POST, api::inventory::RECONCILE, None)
             .await
     }
 }
@@ -209,10 +210,7 @@ impl fmt::Display for LoadReport {
 /// Sends `config.requests` create-order requests to `buy_url` (order-service or gateway base URL)
 /// from `config.concurrency` workers.
 pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConfig) -> LoadReport {
-    let url = format!(
-        "{}/api/flash-sale/order/create",
-        buy_url.trim_end_matches('/')
-    );
+    let url = format!("{}{}", buy_url.trim_end_matches('/'), api::order::CREATE);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -390,7 +388,7 @@ impl Stores {
         }
     }
 
-    /// Checks invariants 1 to 4 of DESIGN.md for one activity after the queue drained.
+    /// Checks invariants 1 to 4 of docs/design.md for one activity after the queue drained.
     pub async fn check_invariants(
         &self,
         activity: i64,
@@ -429,7 +427,7 @@ impl Stores {
     }
 }
 
-/// The invariants of DESIGN.md, measured.
+/// The invariants of docs/design.md, measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InvariantReport {
     pub initial_stock: i64,

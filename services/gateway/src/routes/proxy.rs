@@ -8,10 +8,12 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use flash_sale_common::api::order::CreateOrderRequest;
+use flash_sale_common::api::{self, inventory::StockChange};
 use flash_sale_common::domain::{ActivityId, Quantity, UserId};
 use flash_sale_common::error::{ErrorBody, ErrorCode};
+use flash_sale_common::json::{self, ObjectError};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -21,9 +23,6 @@ use crate::flow::sold_out::SoldOutProbe;
 use crate::identity::Caller;
 use crate::resource::RouteId;
 use crate::state::AppState;
-
-/// The buy path, whose body names the activity.
-pub const CREATE_ORDER_PATH: &str = "/api/flash-sale/order/create";
 
 pub(super) async fn to_order_service(State(state): State<AppState>, request: Request) -> Response {
     proxy(&state, RouteId::FlashSale, request).await
@@ -63,8 +62,9 @@ async fn handle(
 
     let body = read_body(body, &headers, state.settings.proxy.body_limit_bytes).await?;
     let order =
-        (route == RouteId::FlashSale && method == Method::POST && uri.path() == CREATE_ORDER_PATH)
-            .then(|| OrderFacts::parse(&body));
+        (route == RouteId::FlashSale && method == Method::POST && uri.path() == api::order::CREATE)
+            .then(|| OrderFacts::parse(&body))
+            .transpose()?;
     if let Some(activity) = order.and_then(|o| o.activity)
         && let Some(refusal) = state.flow.known_sold_out(route, activity)
     {
@@ -111,9 +111,10 @@ async fn handle(
     }
 }
 
-/// What the body of an order creation says, read leniently: order-service validates it and
-/// answers bad input itself; the gateway only needs the activity, the quantity and (in
-/// development mode) the user.
+/// What the body of an order creation says. It is read by the parser order-service reads it
+/// with, so both see the same buyer; a body that is JSON but not one object (an array, a key
+/// twice) is refused here, as order-service would. Other bad input is order-service's to answer:
+/// the gateway only needs the activity, the quantity and (in development mode) the user.
 #[derive(Debug, Clone, Copy, Default)]
 struct OrderFacts {
     activity: Option<ActivityId>,
@@ -123,31 +124,23 @@ struct OrderFacts {
 }
 
 impl OrderFacts {
-    fn parse(body: &[u8]) -> Self {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Raw {
-            activity_id: Option<Value>,
-            user_id: Option<Value>,
-            quantity: Option<Value>,
-        }
-        // An object only: a struct would also take an array, by position.
-        let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        let Some(raw) = is_object
-            .then(|| serde_json::from_slice::<Raw>(body).ok())
-            .flatten()
-        else {
-            return Self::default();
+    fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        let raw = match json::parse_object::<CreateOrderRequest>(body) {
+            Ok(raw) => raw,
+            Err(error @ ObjectError::NotAnObject(_)) => {
+                return Err(GatewayError::InvalidBody(error.to_string()));
+            }
+            Err(_) => return Ok(Self::default()),
         };
         let single_item = match &raw.quantity {
             None | Some(Value::Null) => true,
             Some(q) => Quantity::parse(Some(q), u32::MAX).is_ok_and(|q| q.get() == 1),
         };
-        Self {
+        Ok(Self {
             activity: ActivityId::parse(raw.activity_id.as_ref()).ok(),
             body_user: UserId::parse(raw.user_id.as_ref()).ok(),
             single_item,
-        }
+        })
     }
 }
 
@@ -202,10 +195,10 @@ fn learn(
     probe: Option<SoldOutProbe>,
 ) {
     if route == RouteId::Inventory && *method == Method::POST && response.status().is_success() {
-        if let Some(activity) = restocked_activity(path) {
-            state.flow.sold_out().clear(activity);
-        } else if path == "/api/inventory/warmup" {
-            state.flow.sold_out().clear_all();
+        match StockChange::of_post(path) {
+            Some(StockChange::Activity(activity)) => state.flow.sold_out().clear(activity),
+            Some(StockChange::All) => state.flow.sold_out().clear_all(),
+            None => {}
         }
         return;
     }
@@ -224,12 +217,11 @@ fn learn(
         return;
     }
     let code = (response.status() == StatusCode::CONFLICT)
-        .then(|| serde_json::from_slice::<ErrorBody>(response.body()).ok())
-        .flatten()
-        .map(|b| b.code);
-    let remembered = match code.as_deref() {
-        Some("SOLD_OUT") if single_item => Some(ErrorCode::SoldOut),
-        Some("SALE_ENDED") => Some(ErrorCode::SaleEnded),
+        .then(|| ErrorBody::code_of(response.body()))
+        .flatten();
+    let remembered = match code {
+        Some(ErrorCode::SoldOut) if single_item => code,
+        Some(ErrorCode::SaleEnded) => code,
         _ => None,
     };
     let ttl = sold_out.ttl();
@@ -244,44 +236,31 @@ fn learn(
     }
 }
 
-/// `/api/inventory/activities/{id}/restock` or `/warmup`: the activity may have stock again.
-fn restocked_activity(path: &str) -> Option<ActivityId> {
-    let rest = path.strip_prefix("/api/inventory/activities/")?;
-    let (id, action) = rest.split_once('/')?;
-    matches!(action, "restock" | "warmup")
-        .then(|| id.parse().ok())
-        .flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn order_facts_read_ids_as_numbers_or_strings() {
-        let f = OrderFacts::parse(br#"{"userId":"{random}","activityId":"1","quantity":1}"#);
+        let f =
+            OrderFacts::parse(br#"{"userId":"{random}","activityId":"1","quantity":1}"#).unwrap();
         assert_eq!(f.activity, ActivityId::new(1));
         assert_eq!(f.body_user, None);
         assert!(f.single_item);
-        let f = OrderFacts::parse(br#"{"userId":7,"activityId":2,"quantity":"3"}"#);
+        let f = OrderFacts::parse(br#"{"userId":7,"activityId":2,"quantity":"3"}"#).unwrap();
         assert_eq!(f.activity, ActivityId::new(2));
         assert_eq!(f.body_user, UserId::new(7));
         assert!(!f.single_item);
-        let f = OrderFacts::parse(b"[1,2,3]");
-        assert_eq!(f.activity, None);
-    }
-
-    #[test]
-    fn restock_paths_name_their_activity() {
-        assert_eq!(
-            restocked_activity("/api/inventory/activities/9/restock"),
-            ActivityId::new(9)
-        );
-        assert_eq!(
-            restocked_activity("/api/inventory/activities/9/warmup"),
-            ActivityId::new(9)
-        );
-        assert_eq!(restocked_activity("/api/inventory/activities/9"), None);
-        assert_eq!(restocked_activity("/api/inventory/warmup"), None);
+        let f = OrderFacts::parse(b"{\"userId\":").unwrap();
+        assert_eq!(f.activity, None, "not JSON: order-service answers it");
+        for refused in [
+            &b"[1,2,3]"[..],
+            br#"{"userId":"1","activityId":1,"userId":"2"}"#,
+        ] {
+            assert!(matches!(
+                OrderFacts::parse(refused),
+                Err(GatewayError::InvalidBody(_))
+            ));
+        }
     }
 }

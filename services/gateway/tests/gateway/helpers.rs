@@ -18,6 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::serve::ListenerExt;
+use flash_sale_common::api;
 use flash_sale_common::configuration::{ListenerSettings, Secret};
 use flash_sale_common::error::{ApiError, ErrorCode};
 use gateway::rules::Rules;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 pub(crate) use crate::keys::{RS256_OTHER_PRIVATE, RS256_PRIVATE, RS256_PUBLIC};
-pub(crate) const CREATE: &str = "/api/flash-sale/order/create";
+pub(crate) const CREATE: &str = api::order::CREATE;
 
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now()

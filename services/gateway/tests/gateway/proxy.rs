@@ -13,6 +13,8 @@ use crate::helpers::{
     Behavior, TestGateway, TestUpstream, buy, client, eventually, metric, settings, token,
     write_rules,
 };
+use flash_sale_common::api;
+use flash_sale_common::error::ErrorCode;
 
 fn rules_file(dir: &tempfile::TempDir, rules: &Rules) -> String {
     let path = dir.path().join("rules.toml");
@@ -58,7 +60,7 @@ async fn requests_flow_through_pooled_keep_alive_connections_and_show_on_metrics
         let response = buy(&http, &gateway, user, 1).await;
         assert_eq!(response.status(), StatusCode::ACCEPTED);
         let echo: Value = response.json().await.unwrap();
-        assert_eq!(echo["headers"]["x-user-id"], user.to_string());
+        assert_eq!(echo["headers"][api::USER_HEADER.as_str()], user.to_string());
         assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
     }
     assert_eq!(upstream.hits(), 30);
@@ -309,7 +311,7 @@ async fn an_answer_longer_than_the_limit_is_refused_and_its_connection_dropped()
     .await;
     let http = client();
     let get = || async {
-        http.get(gateway.url("/api/flash-sale/orders/1-abc"))
+        http.get(gateway.url(&format!("{}orders/1-abc", api::order::PREFIX)))
             .bearer_auth(token(1))
             .send()
             .await
@@ -325,7 +327,7 @@ async fn an_answer_longer_than_the_limit_is_refused_and_its_connection_dropped()
     let over = get().await;
     assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = over.json().await.unwrap();
-    assert_eq!(body["code"], "SERVICE_UNAVAILABLE");
+    assert_eq!(body["code"], ErrorCode::ServiceUnavailable.as_str());
     assert!(
         body["message"]
             .as_str()
@@ -386,13 +388,13 @@ async fn a_stopped_upstream_trips_the_breaker_and_the_route_recovers_when_it_ret
         let response = buy(&http, &gateway, 1, 1).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["code"], "SERVICE_UNAVAILABLE");
+        assert_eq!(body["code"], ErrorCode::ServiceUnavailable.as_str());
     }
     let response = buy(&http, &gateway, 1, 1).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], "CIRCUIT_OPEN");
+    assert_eq!(body["code"], ErrorCode::CircuitOpen.as_str());
     assert_eq!(breakers().state() as i32, 1);
     let text = gateway.metrics().await;
     assert!(

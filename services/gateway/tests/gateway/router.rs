@@ -23,6 +23,9 @@ use crate::helpers::{
     Behavior, CREATE, RS256_OTHER_PRIVATE, RS256_PRIVATE, RS256_PUBLIC, SECRET, TestUpstream,
     hs256, no_rules, now_secs, rs256, settings, token,
 };
+use flash_sale_common::api;
+use flash_sale_common::api::{REQUEST_ID_HEADER, USER_HEADER};
+use flash_sale_common::error::ErrorCode;
 
 struct Answer {
     status: StatusCode,
@@ -76,22 +79,27 @@ async fn a_valid_token_becomes_x_user_id_and_a_forged_header_is_dropped() {
     let mut request = order(Some(&token(42)), seed_body("42"));
     request
         .headers_mut()
-        .insert("x-user-id", "7".parse().unwrap());
+        .insert(USER_HEADER, "7".parse().unwrap());
     request
         .headers_mut()
-        .insert("x-request-id", "req-123".parse().unwrap());
+        .insert(REQUEST_ID_HEADER, "req-123".parse().unwrap());
     let answer = send(&app, request).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
     let seen = &answer.body["headers"];
     assert_eq!(
-        seen["x-user-id"], "42",
+        seen[USER_HEADER.as_str()],
+        "42",
         "the token's subject, not the client's header"
     );
     assert_eq!(
-        seen["x-request-id"], "req-123",
+        seen[REQUEST_ID_HEADER.as_str()],
+        "req-123",
         "the request id is passed on"
     );
-    assert_eq!(answer.headers["x-request-id"], "req-123", "and returned");
+    assert_eq!(
+        answer.headers[&REQUEST_ID_HEADER], "req-123",
+        "and returned"
+    );
     assert_eq!(
         answer.body["body"],
         seed_body("42").to_string(),
@@ -101,9 +109,12 @@ async fn a_valid_token_becomes_x_user_id_and_a_forged_header_is_dropped() {
 
     // Without a request id, the gateway makes one and passes it on.
     let answer = send(&app, order(Some(&token(42)), seed_body("42"))).await;
-    let generated = answer.headers["x-request-id"].to_str().unwrap();
+    let generated = answer.headers[&REQUEST_ID_HEADER].to_str().unwrap();
     assert!(!generated.is_empty());
-    assert_eq!(answer.body["headers"]["x-request-id"], generated);
+    assert_eq!(
+        answer.body["headers"][REQUEST_ID_HEADER.as_str()],
+        generated
+    );
 }
 
 #[tokio::test]
@@ -157,7 +168,7 @@ async fn missing_expired_and_forged_tokens_are_refused_with_401() {
     for bad in [unsigned, no_exp, not_a_user] {
         let answer = send(&app, order(Some(&bad), seed_body("42"))).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{bad}");
-        assert_eq!(answer.body["code"], "UNAUTHORIZED");
+        assert_eq!(answer.body["code"], ErrorCode::Unauthorized.as_str());
     }
     let basic = Request::post(CREATE)
         .header(header::AUTHORIZATION, "Basic YWxhZGRpbjpvcGVuc2VzYW1l")
@@ -199,7 +210,7 @@ async fn rs256_tokens_are_verified_with_the_public_key_only() {
     )
     .await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
-    assert_eq!(answer.body["headers"]["x-user-id"], "9");
+    assert_eq!(answer.body["headers"][USER_HEADER.as_str()], "9");
 
     for (what, bad) in [
         (
@@ -234,11 +245,11 @@ async fn the_development_mode_lets_the_seeds_hey_request_through_untouched() {
     let mut request = order(None, seed_body("{random}"));
     request
         .headers_mut()
-        .insert("x-user-id", "7".parse().unwrap());
+        .insert(USER_HEADER, "7".parse().unwrap());
     let answer = send(&app, request).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
     assert!(
-        answer.body["headers"].get("x-user-id").is_none(),
+        answer.body["headers"].get(USER_HEADER.as_str()).is_none(),
         "a client's x-user-id never passes"
     );
     assert_eq!(answer.body["body"], seed_body("{random}").to_string());
@@ -285,11 +296,43 @@ async fn the_per_user_limit_keys_on_the_body_user_in_development_mode() {
     }
 }
 
+/// A key twice would let two parsers name two buyers (the gateway's per-user limit keyed on one,
+/// order-service selling to the other): refused here, never forwarded.
+#[tokio::test]
+async fn a_body_with_a_key_twice_is_refused_before_any_limit_or_upstream() {
+    let upstream = TestUpstream::start().await;
+    let mut s = settings_for(&upstream);
+    s.auth.trust_body_user_id = true;
+    let (app, _) = gateway_app(&s, no_rules());
+    for body in [
+        r#"{"userId":"5","activityId":"1","quantity":1,"userId":"6"}"#,
+        r#"{"userId":"5","activityId":"1","activityId":"2"}"#,
+        r#"[{"userId":"5","activityId":"1"}]"#,
+    ] {
+        let request = Request::post(CREATE)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let answer = send(&app, request).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(
+            answer.body["code"],
+            ErrorCode::InvalidArgument.as_str(),
+            "{body}"
+        );
+    }
+    assert_eq!(upstream.hits(), 0, "nothing was forwarded");
+    // The same buyer's well-formed body still passes.
+    let answer = send(&app, order(None, seed_body("5"))).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    assert_eq!(upstream.hits(), 1);
+}
+
 #[tokio::test]
 async fn the_inventory_route_passes_the_admin_bearer_token_through() {
     let upstream = TestUpstream::start().await;
     let (app, _) = gateway_app(&settings_for(&upstream), no_rules());
-    let request = Request::get("/api/inventory/activities/1?verbose=1")
+    let request = Request::get(format!("{}?verbose=1", api::inventory::activity(1, "")))
         .header(header::AUTHORIZATION, "Bearer admin-token")
         .header(header::CONNECTION, "keep-alive, x-hop")
         .header("x-hop", "1")
@@ -297,7 +340,10 @@ async fn the_inventory_route_passes_the_admin_bearer_token_through() {
         .unwrap();
     let answer = send(&app, request).await;
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.body["uri"], "/api/inventory/activities/1?verbose=1");
+    assert_eq!(
+        answer.body["uri"],
+        format!("{}?verbose=1", api::inventory::activity(1, ""))
+    );
     assert_eq!(
         answer.body["headers"]["authorization"],
         "Bearer admin-token"
@@ -444,7 +490,7 @@ async fn a_sold_out_answer_is_learned_and_then_given_without_a_downstream_call()
 
     let first = send(&app, order(Some(&token(1)), seed_body("1"))).await;
     assert_eq!(first.status, StatusCode::CONFLICT);
-    assert_eq!(first.body["code"], "SOLD_OUT");
+    assert_eq!(first.body["code"], ErrorCode::SoldOut.as_str());
     let hits = upstream.hits();
     for user in 2..12 {
         let answer = send(
@@ -475,7 +521,7 @@ async fn a_sold_out_answer_is_learned_and_then_given_without_a_downstream_call()
         send(&app, order(Some(&token(1)), other)).await.status,
         StatusCode::ACCEPTED
     );
-    let restock = Request::post("/api/inventory/activities/1/restock")
+    let restock = Request::post(api::inventory::activity(1, "restock"))
         .header(header::AUTHORIZATION, "Bearer admin")
         .body(Body::from(r#"{"quantity":10}"#))
         .unwrap();

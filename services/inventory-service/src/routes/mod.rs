@@ -5,6 +5,7 @@ mod auth;
 
 use axum::Router;
 use axum::routing::{get, post};
+use flash_sale_common::api::inventory;
 
 use crate::startup::AppState;
 
@@ -14,23 +15,14 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.body_limit_bytes;
     let routes = Router::new()
         .route(
-            "/api/inventory/activities",
+            inventory::ACTIVITIES,
             post(activities::create_activity).get(activities::list_activities),
         )
-        .route(
-            "/api/inventory/activities/{id}",
-            get(activities::get_activity),
-        )
-        .route(
-            "/api/inventory/activities/{id}/warmup",
-            post(activities::warm_up_activity),
-        )
-        .route(
-            "/api/inventory/activities/{id}/restock",
-            post(activities::restock_activity),
-        )
-        .route("/api/inventory/warmup", post(activities::warm_up_all))
-        .route("/api/inventory/reconcile", post(activities::reconcile_now))
+        .route(inventory::ACTIVITY, get(activities::get_activity))
+        .route(inventory::WARMUP_ONE, post(activities::warm_up_activity))
+        .route(inventory::RESTOCK, post(activities::restock_activity))
+        .route(inventory::WARMUP_ALL, post(activities::warm_up_all))
+        .route(inventory::RECONCILE, post(activities::reconcile_now))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,

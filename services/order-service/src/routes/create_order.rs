@@ -11,19 +11,10 @@ use flash_sale_common::redis::{RedisFailure, ReservationState, ReserveOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::USER_HEADER;
 use crate::publisher::PublishError;
 use crate::state::AppState;
-
-/// The seed's body: `{"userId":"42","activityId":"1","quantity":1}`; ids as strings or numbers.
-/// Fields stay raw JSON here and are checked by the domain parsers, for precise errors.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateOrderRequest {
-    pub user_id: Option<Value>,
-    pub activity_id: Option<Value>,
-    pub quantity: Option<Value>,
-}
+use flash_sale_common::api::order::CreateOrderRequest;
+use flash_sale_common::api::{self, USER_HEADER};
 
 /// The 202 answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,7 +50,7 @@ pub(super) async fn create_order(
     }
     match decision.result {
         Ok(order_no) => {
-            let location = format!("/api/flash-sale/order/{order_no}");
+            let location = api::order::one(&order_no);
             let mut response = (
                 StatusCode::ACCEPTED,
                 Json(OrderAccepted {

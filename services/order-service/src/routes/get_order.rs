@@ -8,8 +8,8 @@ use flash_sale_common::domain::{OrderNo, UserId};
 use flash_sale_common::error::{ApiError, ErrorCode, Json};
 use serde::{Deserialize, Serialize};
 
-use super::USER_HEADER;
 use crate::state::AppState;
+use flash_sale_common::api::USER_HEADER;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

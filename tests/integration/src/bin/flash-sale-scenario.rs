@@ -1,5 +1,5 @@
-//! Drives one sale against running services and checks the invariants of DESIGN.md; exits
-//! non-zero when one is broken. The NixOS VM test and `cargo xtask sale` run this same code.
+//! Drives one sale against running services and checks the invariants of docs/design.md;
+//! exits non-zero when one is broken. The NixOS VM test and `cargo xtask sale` run this same code.
 //!
 //! ```text
 //! flash-sale-scenario --gateway URL --inventory URL --admin-token T \

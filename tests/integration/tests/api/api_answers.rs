@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use flash_sale_common::api;
 
 async fn answer(res: reqwest::Response) -> Value {
     let status = res.status().as_u16();
@@ -31,7 +32,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "admin without token",
         answer(
-            http.get(format!("{inv}/api/inventory/activities"))
+            http.get(format!("{inv}{}", api::inventory::ACTIVITIES))
                 .send()
                 .await
                 .unwrap(),
@@ -41,7 +42,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "admin with a wrong token",
         answer(
-            http.get(format!("{inv}/api/inventory/activities"))
+            http.get(format!("{inv}{}", api::inventory::ACTIVITIES))
                 .bearer_auth("nope")
                 .send()
                 .await
@@ -53,7 +54,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "create activity",
         answer(
-            admin(http.post(format!("{inv}/api/inventory/activities")))
+            admin(http.post(format!("{inv}{}", api::inventory::ACTIVITIES)))
                 .json(&body)
                 .send()
                 .await
@@ -64,7 +65,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "create activity again",
         answer(
-            admin(http.post(format!("{inv}/api/inventory/activities")))
+            admin(http.post(format!("{inv}{}", api::inventory::ACTIVITIES)))
                 .json(&body)
                 .send()
                 .await
@@ -75,7 +76,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "create activity with a bad window",
         answer(
-            admin(http.post(format!("{inv}/api/inventory/activities")))
+            admin(http.post(format!("{inv}{}", api::inventory::ACTIVITIES)))
                 .json(&json!({"activityId": 2, "stock": 1, "startTime": "2026-01-02T00:00:00Z", "endTime": "2026-01-01T00:00:00Z"}))
                 .send()
                 .await
@@ -86,7 +87,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "create activity with negative stock",
         answer(
-            admin(http.post(format!("{inv}/api/inventory/activities")))
+            admin(http.post(format!("{inv}{}", api::inventory::ACTIVITIES)))
                 .json(&json!({"activityId": 2, "stock": -1}))
                 .send()
                 .await
@@ -97,7 +98,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "get unknown activity",
         answer(
-            admin(http.get(format!("{inv}/api/inventory/activities/99")))
+            admin(http.get(format!("{inv}{}", api::inventory::activity(99, ""))))
                 .send()
                 .await
                 .unwrap(),
@@ -107,7 +108,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "get activity with a bad id",
         answer(
-            admin(http.get(format!("{inv}/api/inventory/activities/x")))
+            admin(http.get(format!("{inv}{}", api::inventory::activity("x", ""))))
                 .send()
                 .await
                 .unwrap(),
@@ -116,7 +117,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     );
 
     let buy = |user: &str| {
-        http.post(format!("{ord}/api/flash-sale/order/create"))
+        http.post(format!("{ord}{}", api::order::CREATE))
             .json(&json!({"userId": user, "activityId": "1", "quantity": 1}))
     };
     let created = answer(buy("42").send().await.unwrap()).await;
@@ -129,7 +130,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "create order with userId as a number",
         answer(
-            http.post(format!("{ord}/api/flash-sale/order/create"))
+            http.post(format!("{ord}{}", api::order::CREATE))
                 .json(&json!({"userId": 43, "activityId": 1, "quantity": 1}))
                 .send()
                 .await
@@ -150,7 +151,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "get order",
         answer(
-            http.get(format!("{ord}/api/flash-sale/order/{order_no}"))
+            http.get(format!("{ord}{}", api::order::one(&order_no)))
                 .send()
                 .await
                 .unwrap(),
@@ -160,8 +161,8 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "get order of another user",
         answer(
-            http.get(format!("{ord}/api/flash-sale/order/{order_no}"))
-                .header("x-user-id", "7")
+            http.get(format!("{ord}{}", api::order::one(&order_no)))
+                .header(api::USER_HEADER, "7")
                 .send()
                 .await
                 .unwrap(),
@@ -172,7 +173,8 @@ async fn every_answer_of_the_order_and_admin_apis() {
         "get unknown order",
         answer(
             http.get(format!(
-                "{ord}/api/flash-sale/order/1-0123456789abcdef0123456789abcdef"
+                "{ord}{}",
+                api::order::one("1-0123456789abcdef0123456789abcdef")
             ))
             .send()
             .await
@@ -183,7 +185,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "get order with a bad number",
         answer(
-            http.get(format!("{ord}/api/flash-sale/order/nope"))
+            http.get(format!("{ord}{}", api::order::one("nope")))
                 .send()
                 .await
                 .unwrap(),
@@ -193,7 +195,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "get activity after the sale",
         answer(
-            admin(http.get(format!("{inv}/api/inventory/activities/1")))
+            admin(http.get(format!("{inv}{}", api::inventory::activity(1, ""))))
                 .send()
                 .await
                 .unwrap(),
@@ -203,7 +205,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "reconcile",
         answer(
-            admin(http.post(format!("{inv}/api/inventory/reconcile")))
+            admin(http.post(format!("{inv}{}", api::inventory::RECONCILE)))
                 .send()
                 .await
                 .unwrap(),
@@ -213,7 +215,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "restock zero",
         answer(
-            admin(http.post(format!("{inv}/api/inventory/activities/1/restock")))
+            admin(http.post(format!("{inv}{}", api::inventory::activity(1, "restock"))))
                 .json(&json!({"quantity": 0}))
                 .send()
                 .await
@@ -228,7 +230,7 @@ async fn every_answer_of_the_order_and_admin_apis() {
     record(
         "wrong method",
         answer(
-            http.get(format!("{ord}/api/flash-sale/order/create"))
+            http.get(format!("{ord}{}", api::order::CREATE))
                 .send()
                 .await
                 .unwrap(),

@@ -1,6 +1,8 @@
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use flash_sale_common::api;
+use flash_sale_common::error::ErrorCode;
 
 /// Every bad input gets a 4xx JSON error in the common shape, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,7 +19,7 @@ async fn bad_inputs_get_a_clear_4xx_and_change_nothing() {
         admin
             .call(
                 reqwest::Method::POST,
-                "/api/inventory/activities",
+                api::inventory::ACTIVITIES,
                 Some(json!({"activityId": id, "stock": 10, "startTime": start, "endTime": end})),
             )
             .await
@@ -115,6 +117,17 @@ async fn bad_inputs_get_a_clear_4xx_and_change_nothing() {
             "text/plain",
             r#"{"userId":"1","activityId":"1","quantity":1}"#.into(),
         ),
+        // Two parsers could disagree on which is the buyer: refused, not "the last one wins".
+        (
+            "userId twice",
+            json_ct,
+            r#"{"userId":"1","activityId":"1","quantity":1,"userId":"2"}"#.into(),
+        ),
+        (
+            "a key twice inside a field",
+            json_ct,
+            r#"{"userId":"1","activityId":"1","quantity":1,"meta":{"a":1,"a":2}}"#.into(),
+        ),
     ];
     let mut answers = Vec::new();
     for (case, content_type, body) in &cases {
@@ -150,17 +163,14 @@ async fn a_buyer_behind_the_gateway_cannot_buy_as_someone_else() {
     apps.admin().create_activity(1, 10).await.unwrap();
     let res = apps
         .http
-        .post(format!(
-            "{}/api/flash-sale/order/create",
-            apps.order.base_url
-        ))
-        .header("x-user-id", "7")
+        .post(format!("{}{}", apps.order.base_url, api::order::CREATE))
+        .header(api::USER_HEADER, "7")
         .json(&json!({"userId": "8", "activityId": "1"}))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 403);
     let body: Value = res.json().await.unwrap();
-    assert_eq!(body["code"], "FORBIDDEN");
+    assert_eq!(body["code"], ErrorCode::Forbidden.as_str());
     assert_eq!(stores(&apps).await.redis_stock(1).await.unwrap(), 10);
 }

@@ -10,6 +10,7 @@ use order_service::consumer::OrderConsumer;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
+use flash_sale_common::error::ErrorCode;
 
 async fn users_holding(apps: &TestApps, activity: i64) -> i64 {
     let mut conn = stores(apps).await.redis;
@@ -38,7 +39,7 @@ async fn a_failed_publish_undoes_the_reservation_and_answers_503() {
     apps.stack.kill(Server::Broker);
     let (status, body) = create_order(&apps, 2, 1).await;
     assert_eq!(status, 503, "{body}");
-    assert_eq!(body["code"], "SERVICE_UNAVAILABLE");
+    assert_eq!(body["code"], ErrorCode::ServiceUnavailable.as_str());
 
     assert_eq!(
         stores.pending(1).await.unwrap(),

@@ -13,6 +13,8 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use flash_sale_common::api;
+use flash_sale_common::error::ErrorCode;
 
 fn token(sub: &str, expires_in_secs: i64, secret: &str) -> String {
     let exp = chrono::Utc::now().timestamp() + expires_in_secs;
@@ -89,7 +91,7 @@ async fn the_gateway_buys_as_the_token_says_and_refuses_forged_or_expired_tokens
     let buy = |bearer: Option<String>, body: Value| {
         let mut req = apps
             .http
-            .post(format!("{}/api/flash-sale/order/create", gateway.base_url))
+            .post(format!("{}{}", gateway.base_url, api::order::CREATE))
             .json(&body);
         if let Some(t) = bearer {
             req = req.bearer_auth(t);
@@ -105,7 +107,7 @@ async fn the_gateway_buys_as_the_token_says_and_refuses_forged_or_expired_tokens
     let (status, answer) = buy(None, body.clone()).await;
     assert_eq!(
         (status, answer["code"].as_str()),
-        (401, Some("UNAUTHORIZED"))
+        (401, Some(ErrorCode::Unauthorized.as_str()))
     );
     let forged = token("7", 600, "another-secret-of-at-least-32-bytes-long");
     assert_eq!(buy(Some(forged), body.clone()).await.0, 401, "forged");
@@ -122,7 +124,7 @@ async fn the_gateway_buys_as_the_token_says_and_refuses_forged_or_expired_tokens
     .await;
     assert_eq!(
         (status, answer["code"].as_str()),
-        (403, Some("FORBIDDEN")),
+        (403, Some(ErrorCode::Forbidden.as_str())),
         "cannot buy as user 7"
     );
 
@@ -134,8 +136,9 @@ async fn the_gateway_buys_as_the_token_says_and_refuses_forged_or_expired_tokens
     let mine = apps
         .http
         .get(format!(
-            "{}/api/flash-sale/order/{order_no}",
-            gateway.base_url
+            "{}{}",
+            gateway.base_url,
+            api::order::one(&order_no)
         ))
         .bearer_auth(token("7", 600, JWT_SECRET))
         .send()
@@ -149,8 +152,9 @@ async fn the_gateway_buys_as_the_token_says_and_refuses_forged_or_expired_tokens
     let theirs = apps
         .http
         .get(format!(
-            "{}/api/flash-sale/order/{order_no}",
-            gateway.base_url
+            "{}{}",
+            gateway.base_url,
+            api::order::one(&order_no)
         ))
         .bearer_auth(token("8", 600, JWT_SECRET))
         .send()
@@ -181,7 +185,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 /// Buys one item of activity 1 for `user` through a gateway in development mode (the body's
 /// `userId` is the buyer).
 async fn buy(http: &reqwest::Client, gateway: &ServiceProcess, user: i64) -> reqwest::Response {
-    http.post(format!("{}/api/flash-sale/order/create", gateway.base_url))
+    http.post(format!("{}{}", gateway.base_url, api::order::CREATE))
         .json(&json!({"userId": user.to_string(), "activityId": "1", "quantity": 1}))
         .send()
         .await
@@ -260,13 +264,13 @@ burst_capacity = 10
         let response = buy(http, &gateways[which], user).await;
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap_or(Value::Null);
-        match (status, body["code"].as_str()) {
+        match (status, body["code"].as_str().and_then(ErrorCode::parse)) {
             (202, _) => {
                 passed[which] += 1;
                 let order_no = body["orderNo"].as_str().expect("an order number");
                 accepted.push((order_no.to_owned(), user));
             }
-            (429, Some("RATE_LIMITED")) => refused[which] += 1,
+            (429, Some(ErrorCode::RateLimited)) => refused[which] += 1,
             _ => panic!("user {user}: only sales and cluster refusals, got {status} {body}"),
         }
     }
@@ -389,9 +393,9 @@ open_ms = 2000
         assert_eq!(response.status().as_u16(), 503);
         let headers = response.headers().clone();
         let body: Value = response.json().await.unwrap();
-        match body["code"].as_str() {
-            Some("SERVICE_UNAVAILABLE") => unreachable += 1,
-            Some("CIRCUIT_OPEN") => break headers,
+        match body["code"].as_str().and_then(ErrorCode::parse) {
+            Some(ErrorCode::ServiceUnavailable) => unreachable += 1,
+            Some(ErrorCode::CircuitOpen) => break headers,
             _ => panic!("unexpected answer {body}"),
         }
         assert!(unreachable <= 10, "the breaker never opened");

@@ -1,3 +1,4 @@
+use flash_sale_common::api;
 use flash_sale_tests::apps::TestApps;
 use flash_sale_tests::scenario::Stores;
 use flash_sale_tests::stack::{BrokerStorage, Stack};
@@ -30,10 +31,7 @@ pub(crate) async fn create_order_raw(
 ) -> (u16, Value) {
     let res = apps
         .http
-        .post(format!(
-            "{}/api/flash-sale/order/create",
-            apps.order.base_url
-        ))
+        .post(format!("{}{}", apps.order.base_url, api::order::CREATE))
         .header("content-type", content_type)
         .body(body.to_owned())
         .send()

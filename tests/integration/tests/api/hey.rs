@@ -4,6 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::helpers::*;
+use flash_sale_common::api;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_hey_command_gets_no_5xx() {
@@ -15,10 +16,10 @@ async fn the_seeds_hey_command_gets_no_5xx() {
         .await
         .unwrap();
     apps.admin()
-        .call(reqwest::Method::POST, "/api/inventory/warmup", None)
+        .call(reqwest::Method::POST, api::inventory::WARMUP_ALL, None)
         .await
         .unwrap();
-    let url = format!("{}/api/flash-sale/order/create", apps.order.base_url);
+    let url = format!("{}{}", apps.order.base_url, api::order::CREATE);
     let out = tokio::task::spawn_blocking(move || {
         Command::new("hey")
             .args(["-n", "100000", "-c", "1000", "-m", "POST"])

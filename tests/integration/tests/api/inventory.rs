@@ -7,6 +7,8 @@ use flash_sale_tests::stack::{BrokerStorage, Stack};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use flash_sale_common::api;
+use flash_sale_common::error::ErrorCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_insert_then_warm_up_makes_activity_1_sellable() {
@@ -19,13 +21,13 @@ async fn the_seeds_insert_then_warm_up_makes_activity_1_sellable() {
     let (status, body) = create_order(&apps, 1, 1).await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (404, Some("ACTIVITY_NOT_FOUND")),
+        (404, Some(ErrorCode::ActivityNotFound.as_str())),
         "not warmed up yet"
     );
 
     let warmed = apps
         .admin()
-        .call(reqwest::Method::POST, "/api/inventory/warmup", None)
+        .call(reqwest::Method::POST, api::inventory::WARMUP_ALL, None)
         .await
         .unwrap();
     assert_eq!(warmed, json!([{"activityId": "1", "outcome": "loaded"}]));
@@ -57,7 +59,7 @@ async fn the_warm_up_never_overwrites_a_sale_in_progress() {
         .admin()
         .call(
             reqwest::Method::POST,
-            "/api/inventory/activities/1/warmup",
+            &api::inventory::activity(1, "warmup"),
             None,
         )
         .await
@@ -71,7 +73,7 @@ async fn the_warm_up_never_overwrites_a_sale_in_progress() {
     let (status, body) = create_order(&apps, 4, 1).await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (409, Some("SALE_ENDED")),
+        (409, Some(ErrorCode::SaleEnded.as_str())),
         "the new window applies"
     );
 }
@@ -139,7 +141,7 @@ async fn the_reconciler_releases_only_unacknowledged_reservations() {
     let (status, body) = create_order(&apps, 101, 1).await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (409, Some("ALREADY_PURCHASED"))
+        (409, Some(ErrorCode::AlreadyPurchased.as_str()))
     );
 }
 
@@ -191,7 +193,10 @@ async fn sold_out_is_answered_without_redis_and_a_restock_reopens_the_sale() {
     let apps = spawn_apps().await;
     apps.admin().create_activity(1, 1).await.unwrap();
     assert_eq!(create_order(&apps, 1, 1).await.0, 202);
-    assert_eq!(create_order(&apps, 2, 1).await.1["code"], "SOLD_OUT");
+    assert_eq!(
+        create_order(&apps, 2, 1).await.1["code"],
+        ErrorCode::SoldOut.as_str()
+    );
 
     let stores = stores(&apps).await;
     let script_calls = || async {
@@ -215,7 +220,10 @@ async fn sold_out_is_answered_without_redis_and_a_restock_reopens_the_sale() {
     };
     let before = script_calls().await;
     for user in 3..53 {
-        assert_eq!(create_order(&apps, user, 1).await.1["code"], "SOLD_OUT");
+        assert_eq!(
+            create_order(&apps, user, 1).await.1["code"],
+            ErrorCode::SoldOut.as_str()
+        );
     }
     assert_eq!(
         script_calls().await,
@@ -227,7 +235,7 @@ async fn sold_out_is_answered_without_redis_and_a_restock_reopens_the_sale() {
         .admin()
         .call(
             reqwest::Method::POST,
-            "/api/inventory/activities/1/restock",
+            &api::inventory::activity(1, "restock"),
             Some(json!({"quantity": 2})),
         )
         .await

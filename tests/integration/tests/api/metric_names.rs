@@ -21,6 +21,8 @@ use flash_sale_tests::stack::{BrokerStorage, Stack};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use flash_sale_common::api;
+use flash_sale_common::error::ErrorCode;
 
 const RULES: &str = "monitoring/prometheus/rules.yaml";
 const DASHBOARD: &str = "monitoring/grafana/dashboard.json";
@@ -188,7 +190,7 @@ fn token(user: &str) -> String {
 /// gateway); returns the status and the error code, if any.
 async fn buy(http: &reqwest::Client, base_url: &str, user: u32, bearer: bool) -> (u16, String) {
     let mut req = http
-        .post(format!("{base_url}/api/flash-sale/order/create"))
+        .post(format!("{base_url}{}", api::order::CREATE))
         .json(&json!({"userId": user.to_string(), "activityId": "1", "quantity": 1}));
     if bearer {
         req = req.bearer_auth(token(&user.to_string()));
@@ -261,17 +263,17 @@ async fn every_metric_the_monitoring_reads_is_emitted_by_a_running_service() {
     for user in [3, 4] {
         assert_eq!(
             buy(&http, &order.base_url, user, false).await,
-            (409, "SOLD_OUT".to_owned())
+            (409, ErrorCode::SoldOut.as_str().to_owned())
         );
     }
     for user in [5, 6] {
         assert_eq!(
             buy(&http, &gateway.base_url, user, true).await,
-            (409, "SOLD_OUT".to_owned())
+            (409, ErrorCode::SoldOut.as_str().to_owned())
         );
     }
     admin
-        .call(reqwest::Method::POST, "/api/inventory/warmup", None)
+        .call(reqwest::Method::POST, api::inventory::WARMUP_ALL, None)
         .await
         .unwrap();
     admin.reconcile().await.unwrap();
