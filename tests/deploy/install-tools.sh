@@ -5,7 +5,9 @@
 #
 #   apt:  promtool (prometheus), shellcheck, python3-venv, nodejs + npm, redis-server/redis-cli
 #   pip:  kubernetes-validate, pinned in tools/requirements.txt, into tools/.venv
-#   npm:  the CRD schema packages, pinned in tools/package-lock.json, into tools/node_modules
+#   npm:  the schemas of the custom resources (@kubernetes-models/argo-rollouts and
+#         prometheus-operator), pinned in tools/package-lock.json, into tools/node_modules. The
+#         packages declare node >= 22; they run on node 20 (npm only warns, EBADENGINE).
 #
 # kubectl (with kustomize v5, so 1.27 or later) is expected on the image already.
 set -euo pipefail
@@ -53,7 +55,7 @@ fi
 "$tools/.venv/bin/python" -m pip install --quiet --disable-pip-version-check \
   --requirement "$tools/requirements.txt"
 
-# The CRD schemas, exactly as locked. npm ci starts from scratch, so run it only when the lock
+# The custom resources' schemas, exactly as locked. npm ci starts from scratch, so run it only when the lock
 # changed since the last install.
 if [[ ! -f "$tools/node_modules/.package-lock.json" ||
   "$tools/package-lock.json" -nt "$tools/node_modules/.package-lock.json" ]]; then

@@ -3,24 +3,23 @@
 //! No cluster is reachable from where these tests run, so everything is proven on the rendered
 //! manifests and with the real tools: `kubectl kustomize` renders each overlay,
 //! `kubernetes-validate` checks every built-in object strictly against the Kubernetes 1.30
-//! schemas, typed models (and the `@kubernetes-models` schemas) check the custom resources,
-//! `promtool` checks and unit-tests the rules, `shellcheck` lints the scripts. A missing tool
-//! fails a test; `tests/deploy/install-tools.sh` installs them all.
+//! schemas, `tools/validate-crds.mjs` checks the custom resources strictly against the
+//! `@kubernetes-models` schemas, `promtool` checks and unit-tests the rules, `promql-parser`
+//! parses every query, `shellcheck` lints the scripts. A missing tool fails a test;
+//! `tests/deploy/install-tools.sh` installs them all.
 //!
 //! Layout:
 //! - [`tools`]: finding and running the external tools.
 //! - [`manifest`]: rendering an overlay and reading the objects it holds.
-//! - [`crds`]: typed models of the custom resources, strict about unknown fields.
 //! - [`promql`]: the metric names a PromQL expression reads.
 //! - [`contracts`]: the names `docs/contracts.md` fixes (env vars, metrics).
 //!
 //! The tests themselves live in `tests/`: `render.rs` (schemas and snapshots), `policy.rs`
-//! (the workload checklist, HPAs, canary steps, references), `monitoring.rs` (rules, dashboard,
-//! canary analysis), `deploy_script.rs` (`deploy.sh`) and `redis_bootstrap.rs` (the cluster
-//! bootstrap script against real local Redis servers).
+//! (the workload checklist, network reachability, canary plans, references), `monitoring.rs`
+//! (rules, dashboard, queries, canary analysis), `deploy_script.rs` (`deploy.sh`) and
+//! `redis_bootstrap.rs` (the cluster bootstrap script against real local Redis servers).
 
 pub mod contracts;
-pub mod crds;
 pub mod manifest;
 pub mod promql;
 pub mod tools;

@@ -11,6 +11,15 @@ use serde_json::Value;
 
 use crate::tools;
 
+/// Secrets the manifests reference, with their keys, but never contain: deploy.sh (or an
+/// operator) creates them.
+pub const EXTERNAL_SECRETS: [(&str, &[&str]); 4] = [
+    ("mysql-secret", &["root-password", "app-password"]),
+    ("flash-sale-db", &["url"]),
+    ("inventory-admin", &["token"]),
+    ("gateway-auth", &["hs256-secret"]),
+];
+
 /// The environments `kustomize/overlays/` renders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Overlay {
@@ -55,12 +64,9 @@ pub struct Rendered {
 
 impl Rendered {
     pub fn from_dir(dir: &Path) -> Result<Rendered> {
-        let kubectl = tools::require("kubectl");
-        let mut command = Command::new(kubectl);
-        command.arg("kustomize").arg(dir);
-        let output = command
-            .output()
-            .with_context(|| format!("kubectl kustomize {}", dir.display()))?;
+        let mut command = Command::new(tools::require("kubectl"));
+        let output = command.arg("kustomize").arg(dir).output();
+        let output = output.with_context(|| format!("kubectl kustomize {}", dir.display()))?;
         tools::check(&command, &output)?;
         let yaml = String::from_utf8(output.stdout)?;
         let objects = parse_stream(&yaml)?;
@@ -81,10 +87,11 @@ impl Rendered {
 
     /// The object of a kind and name; panics when there is none.
     pub fn get(&self, kind: &str, name: &str) -> &Object {
-        self.objects
+        let found = self
+            .objects
             .iter()
-            .find(|object| object.kind() == kind && object.name() == name)
-            .unwrap_or_else(|| panic!("no {kind}/{name} in the rendered output"))
+            .find(|o| o.kind() == kind && o.name() == name);
+        found.unwrap_or_else(|| panic!("no {kind}/{name} in the rendered output"))
     }
 
     /// Long-running workloads: Deployments, StatefulSets, Rollouts.
@@ -123,22 +130,11 @@ pub struct Object(pub Value);
 
 impl Object {
     fn str_at(&self, pointer: &str) -> &str {
-        self.0
-            .pointer(pointer)
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        str_at(&self.0, pointer).unwrap_or_default()
     }
 
     pub fn api_version(&self) -> &str {
         self.str_at("/apiVersion")
-    }
-
-    /// The API group: `apps` for `apps/v1`, empty for the core group.
-    pub fn group(&self) -> &str {
-        match self.api_version().split_once('/') {
-            Some((group, _)) => group,
-            None => "",
-        }
     }
 
     pub fn kind(&self) -> &str {
@@ -150,9 +146,7 @@ impl Object {
     }
 
     pub fn namespace(&self) -> Option<&str> {
-        self.0
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
+        str_at(&self.0, "/metadata/namespace")
     }
 
     /// `Kind/name`, for messages.
@@ -170,7 +164,8 @@ impl Object {
 
     /// A custom resource: one whose schema no Kubernetes release carries.
     pub fn is_custom(&self) -> bool {
-        matches!(self.group(), "argoproj.io" | "monitoring.coreos.com")
+        let group = self.api_version().split_once('/').map(|(group, _)| group);
+        matches!(group, Some("argoproj.io" | "monitoring.coreos.com"))
     }
 
     pub fn is_long_running(&self) -> bool {
@@ -195,69 +190,67 @@ impl Object {
     pub fn pod_labels(&self) -> BTreeMap<String, String> {
         string_map(
             self.pod_template()
-                .and_then(|template| template.pointer("/metadata/labels")),
+                .and_then(|t| t.pointer("/metadata/labels")),
         )
     }
 
     /// Every container of the pod template, init containers included.
     pub fn containers(&self) -> Vec<&Value> {
-        let Some(spec) = self.pod_spec() else {
-            return Vec::new();
-        };
-        ["initContainers", "containers"]
-            .iter()
-            .filter_map(|key| spec.get(*key).and_then(Value::as_array))
-            .flatten()
-            .collect()
+        let spec = self.pod_spec().unwrap_or(&Value::Null);
+        let lists = [
+            array_at(spec, "/initContainers"),
+            array_at(spec, "/containers"),
+        ];
+        lists.into_iter().flatten().collect()
     }
 }
 
 /// A JSON object of strings as a map (absent or not an object: empty).
 pub fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
-    value
-        .and_then(Value::as_object)
-        .map(|map| {
-            map.iter()
-                .map(|(key, value)| (key.clone(), value.as_str().unwrap_or_default().to_owned()))
-                .collect()
-        })
-        .unwrap_or_default()
+    let entries = value.and_then(Value::as_object).into_iter().flatten();
+    entries
+        .map(|(key, value)| (key.clone(), value.as_str().unwrap_or_default().into()))
+        .collect()
 }
 
 /// Whether a Kubernetes label selector (`matchLabels`, `matchExpressions`) selects `labels`.
 /// An empty selector selects everything, as in a NetworkPolicy's `podSelector: {}`.
 pub fn selector_matches(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
     let wanted = string_map(selector.get("matchLabels"));
-    if !wanted
+    let expressions = array_at(selector, "/matchExpressions");
+    wanted
         .iter()
         .all(|(key, value)| labels.get(key) == Some(value))
-    {
-        return false;
-    }
-    let expressions = selector
-        .get("matchExpressions")
+        && expressions.iter().all(|expression| {
+            let actual = labels.get(str_at(expression, "/key").unwrap_or_default());
+            let values = array_at(expression, "/values");
+            let listed = actual.is_some_and(|a| values.iter().any(|v| v == a.as_str()));
+            match str_at(expression, "/operator") {
+                Some("In") => listed,
+                Some("NotIn") => !listed,
+                Some("Exists") => actual.is_some(),
+                Some("DoesNotExist") => actual.is_none(),
+                other => panic!("unknown selector operator {other:?}"),
+            }
+        })
+}
+
+/// The string at a JSON pointer.
+pub fn str_at<'a>(value: &'a Value, pointer: &str) -> Option<&'a str> {
+    value.pointer(pointer).and_then(Value::as_str)
+}
+
+/// The integer at a JSON pointer.
+pub fn int_at(value: &Value, pointer: &str) -> Option<i64> {
+    value.pointer(pointer).and_then(Value::as_i64)
+}
+
+/// The array at a JSON pointer; empty when absent.
+pub fn array_at<'a>(value: &'a Value, pointer: &str) -> &'a [Value] {
+    value
+        .pointer(pointer)
         .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    expressions.iter().all(|expression| {
-        let key = expression
-            .get("key")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let values: Vec<&str> = expression
-            .get("values")
-            .and_then(Value::as_array)
-            .map(|values| values.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let actual = labels.get(key).map(String::as_str);
-        match expression.get("operator").and_then(Value::as_str) {
-            Some("In") => actual.is_some_and(|value| values.contains(&value)),
-            Some("NotIn") => actual.is_none_or(|value| !values.contains(&value)),
-            Some("Exists") => actual.is_some(),
-            Some("DoesNotExist") => actual.is_none(),
-            other => panic!("unknown selector operator {other:?}"),
-        }
-    })
+        .map_or(&[], Vec::as_slice)
 }
 
 /// Converts an object to YAML the way it would be written back.
