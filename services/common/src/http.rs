@@ -56,6 +56,23 @@ pub fn with_common_layers(router: Router, body_limit: usize) -> Router {
         )
 }
 
+/// Serves the app router on `listener` until `stop`, then finishes the requests in flight: the
+/// "stop accepting" task of every service ([`crate::supervisor`]). Handlers may read the peer
+/// address (`ConnectInfo<SocketAddr>`).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(
+        no_delay(listener),
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await?;
+    Ok(())
+}
+
 /// The app listener: every accepted connection sends small writes at once (`TCP_NODELAY`), so
 /// that an answer leaving in two writes (head, then a body produced later) never waits for the
 /// client's delayed ACK, up to 40 ms on Linux. Connections keep the peer address for

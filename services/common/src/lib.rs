@@ -12,6 +12,7 @@
 //! - [`redis`]: the per-activity key layout and the Lua scripts of the buy path.
 //! - [`db`]: the MySQL pool and the embedded migrations.
 //! - [`shutdown`]: the signal that starts a graceful drain.
+//! - [`supervisor`]: named tasks, one shutdown token, the drain in declared steps.
 
 pub mod api;
 pub mod configuration;
@@ -23,4 +24,5 @@ pub mod json;
 pub mod management;
 pub mod redis;
 pub mod shutdown;
+pub mod supervisor;
 pub mod telemetry;

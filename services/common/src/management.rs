@@ -12,7 +12,6 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Whether the pod should receive traffic: set once start-up is done, cleared when draining.
@@ -35,30 +34,17 @@ struct ManagementState {
     metrics: PrometheusHandle,
 }
 
-/// The management listener, served on its own task until [`ManagementServer::stop`]: it
-/// outlives the app listener so probes and scrapes answer during the whole drain.
-pub struct ManagementServer {
+/// Serves the management listener until `stop`, then closes it once its in-flight requests are
+/// answered. It is the drain's last step, so probes and scrapes answer during the whole drain.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
     stop: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl ManagementServer {
-    pub fn spawn(listener: TcpListener, router: Router) -> Self {
-        let stop = CancellationToken::new();
-        let shutdown = stop.clone().cancelled_owned();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        });
-        Self { stop, task }
-    }
-
-    /// Closes the listener once its in-flight requests are answered.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        Ok(self.task.await??)
-    }
+) -> anyhow::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await?;
+    Ok(())
 }
 
 pub fn router(readiness: Readiness, metrics: PrometheusHandle) -> Router {

@@ -9,12 +9,12 @@
 //!   -> flow: system, param, qps, concurrency, breaker, cluster   flow/
 //!   -> pooled keep-alive client, per-route timeout        upstream.rs
 //!   <- answer (a 409 SOLD_OUT teaches the short circuit)  routes/proxy.rs
-//! rules: a TOML file polled and reloaded without restart rules/
+//! rules: a TOML file polled and reloaded without restart rules/, flow/reload.rs
 //! ```
 //!
 //! Layout: `configuration` (settings), `startup` (binding, background jobs, drain), `state`,
-//! `routes` (the proxy handler), `identity`, `upstream`, `flow` (one module per rule type),
-//! `rules` (schema, compilation, reload), `resource` (route, activity and downstream names),
+//! `routes` (the proxy handler), `identity`, `upstream`, `flow` (one module per rule type,
+//! compilation and reload), `rules` (the schema), `resource` (route, activity and downstream names),
 //! `error` (every refusal in the common JSON shape), `management` (health, metrics, `/flow`). See docs/gateway.md.
 
 pub mod configuration;

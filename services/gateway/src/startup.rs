@@ -1,19 +1,19 @@
 //! Building the application (check settings, load rules, bind) and running it until a drain
 //! completes.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use flash_sale_common::management::{ManagementServer, Readiness};
+use flash_sale_common::management::Readiness;
+use flash_sale_common::supervisor::Supervisor;
 use flash_sale_common::telemetry;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::configuration::Settings;
 use crate::flow::system;
 use crate::management;
+use crate::resource::Downstream;
 use crate::routes;
 use crate::state::AppState;
 
@@ -59,10 +59,9 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` is cancelled, then drains: readiness off, the proxied requests
-    /// finish, the background jobs (rule reload, Redis heartbeat, CPU sampler) stop, the
-    /// management listener closes. A task that ends early cancels the others and is named in
-    /// the error.
+    /// Serves until `shutdown` is cancelled or a task ends, then drains: readiness off, the
+    /// proxied requests finish, the background jobs (rule reload, Redis heartbeat, CPU sampler)
+    /// stop, the management listener closes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
@@ -72,66 +71,44 @@ impl Application {
         } = self;
         let settings = state.settings.clone();
         let app = routes::router(state.clone());
-        let mgmt_router = management::router(
+        let mgmt = management::router(
             state.clone(),
             readiness.clone(),
             telemetry::metrics_handle(),
         );
-        let background = CancellationToken::new();
-
-        let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let result = axum::serve(
-                flash_sale_common::http::no_delay(listener),
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-            ("http server", result.map_err(Into::into))
-        });
-
-        let mut jobs = JoinSet::new();
-        {
-            let (flow, stop) = (state.flow.clone(), background.clone());
-            let interval = Duration::from_millis(settings.rules.poll_interval_ms.max(10));
-            jobs.spawn(async move { flow.rules().run(interval, stop).await });
-        }
-        {
-            let (flow, stop, redis) = (
-                state.flow.clone(),
-                background.clone(),
-                settings.redis.clone(),
-            );
-            jobs.spawn(async move { flow.cluster().run(&redis, stop).await });
-        }
-        {
-            let (flow, stop) = (state.flow.clone(), background.clone());
-            let interval = Duration::from_millis(settings.proxy.cpu_sample_interval_ms.max(10));
-            jobs.spawn(async move { system::sample_cpu(flow.system(), interval, stop).await });
-        }
-        let mgmt = ManagementServer::spawn(management, mgmt_router);
-        readiness.set_ready(true);
         tracing::info!(
-            order_service = %state.upstream.base_url(crate::resource::Downstream::OrderService),
-            inventory_service = %state.upstream.base_url(crate::resource::Downstream::InventoryService),
-            "gateway ready"
+            order_service = %state.upstream.base_url(Downstream::OrderService),
+            inventory_service = %state.upstream.base_url(Downstream::InventoryService),
+            "gateway upstreams"
         );
 
-        let mut failure = None;
-        while let Some(joined) = tasks.join_next().await {
-            let (name, result) = joined.context("a task panicked")?;
-            if !shutdown.is_cancelled() {
-                tracing::error!(task = name, ?result, "task ended before shutdown; stopping");
-                failure.get_or_insert(anyhow::anyhow!("{name} ended unexpectedly: {result:?}"));
-                shutdown.cancel();
-            }
-            readiness.set_ready(false);
-        }
-        background.cancel();
-        while jobs.join_next().await.is_some() {}
-        mgmt.stop().await?;
-        tracing::info!("gateway stopped");
-        failure.map_or(Ok(()), Err)
+        let mut supervisor = Supervisor::new("gateway", shutdown, readiness);
+        let accept = supervisor.stop_step("stop accepting");
+        supervisor.spawn(accept, "http server", |stop| {
+            flash_sale_common::http::serve(listener, app, stop)
+        });
+        let jobs = supervisor.stop_step("stop jobs");
+        let flow = state.flow.clone();
+        let interval = Duration::from_millis(settings.rules.poll_interval_ms.max(10));
+        supervisor.spawn(jobs, "rule reload", |stop| async move {
+            flow.rules().run(interval, stop).await;
+            Ok(())
+        });
+        let (flow, redis) = (state.flow.clone(), settings.redis.clone());
+        supervisor.spawn(jobs, "cluster heartbeat", |stop| async move {
+            flow.cluster().run(&redis, stop).await;
+            Ok(())
+        });
+        let flow = state.flow.clone();
+        let interval = Duration::from_millis(settings.proxy.cpu_sample_interval_ms.max(10));
+        supervisor.spawn(jobs, "cpu sampler", |stop| async move {
+            system::sample_cpu(flow.system(), interval, stop).await;
+            Ok(())
+        });
+        let last = supervisor.stop_step("stop management");
+        supervisor.spawn(last, "management", |stop| {
+            flash_sale_common::management::serve(management, mgmt, stop)
+        });
+        supervisor.run().await
     }
 }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use crate::configuration::Settings;
 use crate::flow::Flow;
+use crate::flow::RulesStore;
 use crate::flow::cluster::ClusterLimiter;
 use crate::identity::Identity;
 use crate::resource::RouteId;
-use crate::rules::RulesStore;
 use crate::upstream::Upstream;
 
 #[derive(Debug, Clone)]

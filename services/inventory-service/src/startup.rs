@@ -5,27 +5,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flash_sale_common::db;
-use flash_sale_common::management::{self, ManagementServer, Readiness};
+use flash_sale_common::management::{self, Readiness};
 use flash_sale_common::redis::Redis;
+use flash_sale_common::supervisor::Supervisor;
 use flash_sale_common::telemetry;
-use sqlx::MySqlPool;
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::configuration::{InventorySettings, Settings};
-use crate::reconciler::{self, DriftTracker};
+use crate::configuration::Settings;
+use crate::reconciler;
+use crate::state::AppState;
 use crate::{routes, warmup};
-
-/// The state every handler and job shares; cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub db: MySqlPool,
-    pub redis: Redis,
-    pub settings: Arc<InventorySettings>,
-    /// The reconciler's memory, shared by the schedule and the on-demand endpoint.
-    pub drift: Arc<Mutex<DriftTracker>>,
-}
 
 pub struct Application {
     listener: TcpListener,
@@ -70,27 +60,30 @@ impl Application {
         self.management.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Serves and runs the scheduled warm-up and reconciler until `shutdown`; a job finishes its
-    /// pass before the process exits.
+    /// Serves and runs the scheduled warm-up and reconciler until `shutdown` or until a task
+    /// ends, then drains: readiness off, requests finish, a job finishes its pass, the
+    /// management listener closes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let readiness = Readiness::default();
         let app = routes::router(self.state.clone());
-        let mgmt = ManagementServer::spawn(
-            self.management,
-            management::router(readiness.clone(), telemetry::metrics_handle()),
-        );
-        let jobs = tokio::spawn(run_jobs(self.state.clone(), shutdown.clone()));
-        readiness.set_ready(true);
-        tracing::info!("inventory-service ready");
-        let served = axum::serve(flash_sale_common::http::no_delay(self.listener), app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
-        readiness.set_ready(false);
-        shutdown.cancel();
-        jobs.await.context("the scheduled jobs panicked")?;
-        mgmt.stop().await?;
-        tracing::info!("inventory-service stopped");
-        served.context("the http server failed")
+        let mgmt = management::router(readiness.clone(), telemetry::metrics_handle());
+        let (listener, management, state) = (self.listener, self.management, self.state);
+
+        let mut supervisor = Supervisor::new("inventory-service", shutdown, readiness);
+        let accept = supervisor.stop_step("stop accepting");
+        supervisor.spawn(accept, "http server", |stop| {
+            flash_sale_common::http::serve(listener, app, stop)
+        });
+        let jobs = supervisor.stop_step("stop jobs");
+        supervisor.spawn(jobs, "scheduled jobs", |stop| async move {
+            run_jobs(state, stop).await;
+            Ok(())
+        });
+        let last = supervisor.stop_step("stop management");
+        supervisor.spawn(last, "management", |stop| {
+            management::serve(management, mgmt, stop)
+        });
+        supervisor.run().await
     }
 }
 

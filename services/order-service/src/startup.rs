@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flash_sale_common::db;
-use flash_sale_common::management::{self, ManagementServer, Readiness};
+use flash_sale_common::management::{self, Readiness};
 use flash_sale_common::redis::Redis;
+use flash_sale_common::supervisor::Supervisor;
 use flash_sale_common::telemetry;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::configuration::Settings;
@@ -106,10 +106,10 @@ impl Application {
         self.management.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Serves until `shutdown` is cancelled, then drains in order: readiness off, HTTP requests
-    /// finish (each waits for its broker ack), the producer flushes, the consumer finishes and
-    /// commits its batch, the management listener closes. A task that ends early cancels the
-    /// others and is named in the error.
+    /// Serves until `shutdown` is cancelled or a task ends, then drains in order: readiness off,
+    /// HTTP requests finish (each waits for its broker ack), the producer flushes, the consumer
+    /// finishes and commits its batch and the Redis guard its pass, the management listener
+    /// closes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
@@ -121,52 +121,33 @@ impl Application {
         } = self;
         let publisher = state.publisher.clone();
         let app = routes::router(state);
-        let mgmt = ManagementServer::spawn(
-            management,
-            management::router(readiness.clone(), telemetry::metrics_handle()),
-        );
+        let mgmt = management::router(readiness.clone(), telemetry::metrics_handle());
 
-        let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let result = axum::serve(flash_sale_common::http::no_delay(listener), app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            ("http server", result.map_err(Into::into))
+        let mut supervisor = Supervisor::new("order-service", shutdown, readiness);
+        let accept = supervisor.stop_step("stop accepting");
+        supervisor.spawn(accept, "http server", |stop| {
+            flash_sale_common::http::serve(listener, app, stop)
         });
+        supervisor.run_step("flush the producer", async move {
+            tokio::task::spawn_blocking(move || publisher.flush(PRODUCER_FLUSH_TIMEOUT))
+                .await?
+                .map_err(Into::into)
+        });
+        let jobs = supervisor.stop_step("stop jobs");
         if let Some(consumer) = consumer {
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
+            supervisor.spawn(jobs, "order consumer", |stop| async move {
                 consumer.run(stop).await;
-                ("order consumer", Ok(()))
+                Ok(())
             });
         }
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
+        supervisor.spawn(jobs, "redis guard", |stop| async move {
             guard.run(stop).await;
-            ("redis guard", Ok(()))
+            Ok(())
         });
-        readiness.set_ready(true);
-        tracing::info!("order-service ready");
-
-        let mut failure = None;
-        while let Some(joined) = tasks.join_next().await {
-            let (name, result) = joined.context("a task panicked")?;
-            if !shutdown.is_cancelled() {
-                tracing::error!(task = name, ?result, "task ended before shutdown; stopping");
-                failure.get_or_insert(anyhow::anyhow!("{name} ended unexpectedly: {result:?}"));
-                shutdown.cancel();
-            }
-            readiness.set_ready(false);
-            if name == "http server" {
-                let publisher = publisher.clone();
-                tokio::task::spawn_blocking(move || publisher.flush(PRODUCER_FLUSH_TIMEOUT))
-                    .await?
-                    .unwrap_or_else(|e| tracing::error!(error = %e, "producer flush failed"));
-            }
-        }
-        mgmt.stop().await?;
-        tracing::info!("order-service stopped");
-        failure.map_or(Ok(()), Err)
+        let last = supervisor.stop_step("stop management");
+        supervisor.spawn(last, "management", |stop| {
+            management::serve(management, mgmt, stop)
+        });
+        supervisor.run().await
     }
 }

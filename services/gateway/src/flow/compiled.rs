@@ -6,12 +6,11 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{ClusterRule, Grade, Rules, SoldOutRule, SystemRule};
-use crate::flow::breaker::DownstreamBreakers;
-use crate::flow::param::ParamLimiter;
-use crate::flow::qps::QpsLimiter;
+use super::breaker::DownstreamBreakers;
+use super::param::ParamLimiter;
+use super::qps::QpsLimiter;
 use crate::resource::{Downstream, ResourceKey, RouteId};
-use crate::rules::FlowRule;
+use crate::rules::{ClusterRule, FlowRule, Grade, Rules, SoldOutRule, SystemRule};
 
 /// One flow rule, ready to decide.
 #[derive(Debug)]

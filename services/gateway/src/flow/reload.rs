@@ -15,7 +15,8 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CompiledRules, Rules};
+use super::CompiledRules;
+use crate::rules::Rules;
 
 /// What one poll did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +140,9 @@ impl RulesStore {
     /// Polls every `interval` until `stop`.
     pub async fn run(&self, interval: Duration, stop: CancellationToken) {
         if self.file.is_none() {
+            // Fixed rules: nothing to watch, but the task runs until its drain step like the
+            // others (one that ends early has failed).
+            stop.cancelled().await;
             return;
         }
         loop {

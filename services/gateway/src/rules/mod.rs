@@ -5,18 +5,15 @@
 //! A section missing from the file keeps its built-in default (the seed's numbers); an empty
 //! list (`cluster = []`) turns that kind of rule off. [`Rules::default`] is spelled out in
 //! `services/gateway/rules.example.toml`.
-
-mod compiled;
-mod reload;
+//!
+//! This module is the schema only: the flow modules compile it into limiters
+//! (`flow::compiled`) and reload it (`flow::reload`); nothing here reaches into them.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::resource::{Downstream, ResourceKey};
-
-pub use compiled::{CompiledRules, FlowLimiter};
-pub use reload::{ReloadOutcome, RulesStore};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use flash_sale_common::telemetry;
 use gateway::flow::qps::QpsDecision;
+use gateway::flow::{FlowLimiter, ReloadOutcome, RulesStore};
 use gateway::resource::{ResourceKey, RouteId};
-use gateway::rules::{FlowLimiter, ReloadOutcome, Rules, RulesStore};
+use gateway::rules::Rules;
 use tokio::time::Instant;
 
 use crate::helpers::{metric, write_rules};

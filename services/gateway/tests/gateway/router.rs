@@ -9,9 +9,10 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use flash_sale_common::domain::ActivityId;
 use gateway::configuration::{ClusterSettings, JwtAlgorithm};
+use gateway::flow::RulesStore;
 use gateway::flow::cluster::ClusterLimiter;
 use gateway::rules::{
-    BreakerRule, BreakerStrategy, FlowRule, ParamKind, ParamRule, Rules, RulesStore, SystemRule,
+    BreakerRule, BreakerStrategy, FlowRule, ParamKind, ParamRule, Rules, SystemRule,
 };
 use gateway::state::AppState;
 use gateway::{Settings, routes};

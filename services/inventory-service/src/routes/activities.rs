@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::activities::{self, Activity, NewActivity};
 use crate::reconciler::{self, ActivityReport};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::warmup::{self, WarmupError};
 
 /// Largest stock one activity may hold: a flash sale of a few thousand items, with headroom.

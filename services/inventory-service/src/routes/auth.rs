@@ -6,7 +6,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use flash_sale_common::error::{ApiError, ErrorCode};
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub(super) async fn require_admin(
     State(state): State<AppState>,

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use flash_sale_common::api::inventory;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub use activities::{ActivityView, CreateActivityRequest, RedisView, RestockRequest, WarmupView};
 
