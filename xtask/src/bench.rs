@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use axum::Router;
 use axum::routing::post;
 use flash_sale_tests::apps::http_client;
@@ -39,37 +39,31 @@ struct Run {
     non_2xx_3xx: u64,
 }
 
-struct Options {
+/// `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Length of each measured run, in seconds.
+    #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// wrk's connections.
+    #[arg(long, default_value_t = 1000)]
     connections: u64,
+    /// Rounds of the accepted-order arms, each arm first in turn.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Where the broker keeps its log: `sqlite` (durable, as in the main job) or `memory`.
+    #[arg(long, default_value = "sqlite", value_parser = parse_broker)]
     broker: BrokerStorage,
 }
 
-pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
-    let mut o = Options {
-        seconds: 10,
-        connections: 1000,
-        rounds: 5,
-        broker: BrokerStorage::Sqlite,
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--seconds" => o.seconds = value()?.parse()?,
-            "--connections" => o.connections = value()?.parse()?,
-            "--rounds" => o.rounds = value()?.parse::<u32>()?.max(1),
-            "--broker" => {
-                let name = value()?;
-                o.broker = BrokerStorage::ALL
-                    .into_iter()
-                    .find(|b| b.name() == name)
-                    .with_context(|| format!("--broker is sqlite or memory, not {name:?}"))?;
-            }
-            other => bail!("unknown option {other}"),
-        }
-    }
+fn parse_broker(name: &str) -> Result<BrokerStorage, String> {
+    BrokerStorage::ALL
+        .into_iter()
+        .find(|b| b.name() == name)
+        .ok_or_else(|| format!("sqlite or memory, not {name:?}"))
+}
+
+pub(crate) fn run(o: Args) -> anyhow::Result<()> {
     crate::setup::run()?;
     services::build()?;
     let bare_proxy = services::build_example("gateway", "bare_proxy")?;
@@ -81,13 +75,17 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 const DIRECT: usize = 0;
 const BARE: usize = 1;
 const GATEWAY: usize = 2;
-const ARMS: [&str; 3] = [
+/// The gateway with hyper-util's pooled client instead of its own pool (`upstreams.client`):
+/// the trial that decides whether `upstream/pool.rs` stays (docs/performance.md).
+const GATEWAY_HYPER: usize = 3;
+const ARMS: [&str; 4] = [
     "order-service: accepted (reserve + publish + ack)",
     "bare proxy -> order-service: accepted",
     "gateway -> order-service: accepted",
+    "gateway on hyper-util's client -> order-service: accepted",
 ];
 
-async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
+async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     let root = services::workspace_root().join("target/flash-sale");
     let stack = Stack::start_in(o.broker, Some(&root), false).await?;
     let info = stack.info().clone();
@@ -160,6 +158,11 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
     let (child, gateway) = services::start_with("gateway", &info, false, &gateway_env)?;
     let gateway_pid = child.id();
     children.push(child);
+    let mut hyper_env = gateway_env.to_vec();
+    hyper_env.push(("FLASH_SALE_UPSTREAMS__CLIENT", "hyper-util".to_owned()));
+    let (child, gateway_hyper) = services::start_with("gateway", &info, false, &hyper_env)?;
+    let gateway_hyper_pid = child.id();
+    children.push(child);
 
     // The same order-service behind the least a proxy can do.
     let (child, bare) = start_bare_proxy(bare_proxy, &order.url(), &info.dir)?;
@@ -174,8 +177,8 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
     let mut machine_rounds = Vec::new();
     let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
     let mut activities = accepted_activities;
-    let pids = [order_pid, bare_pid, gateway_pid];
-    let urls = [order.url(), bare, gateway.url()];
+    let pids = [order_pid, bare_pid, gateway_pid, gateway_hyper_pid];
+    let urls = [order.url(), bare, gateway.url(), gateway_hyper.url()];
     for round in 1..=o.rounds {
         let mut rates = [0.0; ARMS.len()];
         let mut machine = [0.0; ARMS.len()];
@@ -198,7 +201,7 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
             )?;
             let per_request = |seconds: f64| seconds * 1e6 / run.requests.max(1) as f64;
             let after = pids.map(cpu_seconds);
-            let process: [f64; 3] = std::array::from_fn(|p| per_request(after[p] - before[p]));
+            let process: [f64; 4] = std::array::from_fn(|p| per_request(after[p] - before[p]));
             stores
                 .wait_for_drain(activity, Duration::from_secs(300))
                 .await?;
@@ -277,7 +280,7 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
             r.non_2xx_3xx
         );
     }
-    let shares = |f: fn(&[f64; 3]) -> f64| -> String {
+    let shares = |f: fn(&[f64; ARMS.len()]) -> f64| -> String {
         by_round_and_median(&rounds.iter().map(f).collect::<Vec<_>>())
     };
     println!("\naccepted orders, as a share of straight at order-service:");
@@ -290,8 +293,16 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
         shares(|r| r[GATEWAY] / r[DIRECT])
     );
     println!(
+        "  through the gateway on hyper-util's client: {}",
+        shares(|r| r[GATEWAY_HYPER] / r[DIRECT])
+    );
+    println!(
         "accepted orders through the gateway, as a share of through the bare proxy: {}",
         shares(|r| r[GATEWAY] / r[BARE])
+    );
+    println!(
+        "accepted orders through the gateway, its own pool as a share of hyper-util's client: {}",
+        shares(|r| r[GATEWAY] / r[GATEWAY_HYPER])
     );
     println!(
         "\nCPU per request, in microseconds: each process's (user + system, /proc/<pid>/stat), and the"
@@ -299,10 +310,12 @@ async fn bench(o: Options, bare_proxy: &Path) -> anyhow::Result<()> {
     println!(
         "whole machine's from the start of the run until its orders were written (/proc/stat, steal excluded):\n"
     );
-    println!("| run | order-service | bare proxy | gateway | machine |");
-    println!("|---|---:|---:|---:|---:|");
-    for (name, [order_us, bare_us, gateway_us], machine_us) in &cpu {
-        println!("| {name} | {order_us:.1} | {bare_us:.1} | {gateway_us:.1} | {machine_us:.1} |");
+    println!("| run | order-service | bare proxy | gateway | gateway (hyper-util) | machine |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, [order_us, bare_us, gateway_us, hyper_us], machine_us) in &cpu {
+        println!(
+            "| {name} | {order_us:.1} | {bare_us:.1} | {gateway_us:.1} | {hyper_us:.1} | {machine_us:.1} |"
+        );
     }
     let costs: Vec<f64> = machine_rounds
         .iter()
@@ -435,7 +448,7 @@ end
 "#;
 
 fn wrk(
-    o: &Options,
+    o: &Args,
     name: &str,
     base_url: &str,
     script: &std::path::Path,

@@ -29,28 +29,6 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 
-pub(crate) const HELP: &str = "
-usage: cargo xtask canary promote [options]
-
-Compares a running canary with the stable version in Prometheus, prints the comparison and the
-verdict, then promotes (`kubectl argo rollouts promote`) or aborts (`kubectl argo rollouts
-abort`) the Rollout. Exits non-zero unless the canary was promoted.
-
-  --rollout NAME          the Rollout (env ROLLOUT; default order-service)
-  --namespace, -n NS      its namespace (env NAMESPACE; default flash-sale)
-  --service NAME          the `service` label of its series (default: the Rollout's name)
-  --prometheus-url URL    Prometheus (env PROMETHEUS_URL; default the AnalysisTemplate's,
-                          http://prometheus-operated.monitoring.svc:9090)
-  --kubectl PATH          kubectl with the Argo Rollouts plugin (env KUBECTL; default kubectl)
-  --canary-hash HASH      the canary's and the stable's pod-template hashes; both or neither
-  --stable-hash HASH      (default: read from the Rollout's status with kubectl)
-  --window DURATION       how far back to look (default 2m, as the AnalysisTemplate)
-  --min-success-rate F    lowest passing non-5xx share (default 0.99)
-  --max-p99 SECONDS       P99 must stay below this (default 0.5)
-  --min-requests N        fewer canary requests in the window: inconclusive (default 100)
-  --dry-run               print the verdict and the kubectl command, change nothing
-";
-
 /// The label holding the pod-template hash on every series of our services: the ServiceMonitor's
 /// `podTargetLabels: [rollouts-pod-template-hash]`, as Prometheus spells label names.
 pub(crate) const HASH_LABEL: &str = "rollouts_pod_template_hash";
@@ -214,29 +192,24 @@ pub(crate) struct Outcome {
 }
 
 /// `cargo xtask canary <subcommand>`.
-pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
-    let Some((subcommand, rest)) = args.split_first() else {
-        println!("{}", HELP.trim());
-        return Ok(());
-    };
-    match subcommand.as_str() {
-        "promote" if rest.iter().any(|a| a == "--help" || a == "-h") => {
-            println!("{}", HELP.trim());
-            Ok(())
-        }
-        "promote" => {
-            let options = parse_options(rest, &|name| std::env::var(name).ok())?;
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Compares a running canary with the stable version in Prometheus, prints the comparison
+    /// and the verdict, then promotes (`kubectl argo rollouts promote`) or aborts (`kubectl argo
+    /// rollouts abort`) the Rollout. Exits non-zero unless the canary was promoted.
+    Promote(PromoteArgs),
+}
+
+pub(crate) fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Promote(args) => {
+            let options = options(args, &|name| std::env::var(name).ok())?;
             let outcome = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(promote(&options))?;
             verdict_status(&outcome)
         }
-        "help" | "--help" | "-h" => {
-            println!("{}", HELP.trim());
-            Ok(())
-        }
-        other => bail!("unknown canary command {other:?}\n\n{}", HELP.trim()),
     }
 }
 
@@ -258,68 +231,81 @@ pub(crate) fn verdict_status(outcome: &Outcome) -> anyhow::Result<()> {
     }
 }
 
-/// Reads the flags, falling back to `env` (the environment) for `PROMETHEUS_URL`, `ROLLOUT`,
-/// `NAMESPACE` and `KUBECTL`.
-pub(crate) fn parse_options(
-    args: &[String],
+/// `cargo xtask canary promote`'s flags. Those that name where things are fall back to the
+/// environment (`PROMETHEUS_URL`, `ROLLOUT`, `NAMESPACE`, `KUBECTL`), then to the production
+/// overlay's values.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct PromoteArgs {
+    /// The Rollout (env ROLLOUT; default order-service).
+    #[arg(long)]
+    rollout: Option<String>,
+    /// Its namespace (env NAMESPACE; default flash-sale).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// The `service` label of its series (default: the Rollout's name).
+    #[arg(long)]
+    service: Option<String>,
+    /// Prometheus (env PROMETHEUS_URL; default the AnalysisTemplate's,
+    /// http://prometheus-operated.monitoring.svc:9090).
+    #[arg(long)]
+    prometheus_url: Option<String>,
+    /// kubectl with the Argo Rollouts plugin (env KUBECTL; default kubectl).
+    #[arg(long)]
+    kubectl: Option<String>,
+    /// The canary's pod-template hash; with --stable-hash, or neither (default: read from the
+    /// Rollout's status with kubectl).
+    #[arg(long)]
+    canary_hash: Option<String>,
+    /// The stable version's pod-template hash; with --canary-hash.
+    #[arg(long)]
+    stable_hash: Option<String>,
+    /// How far back to look, a Prometheus duration (default 2m, as the AnalysisTemplate).
+    #[arg(long, default_value = "2m")]
+    window: String,
+    /// Lowest passing non-5xx share.
+    #[arg(long, default_value_t = Thresholds::default().min_success_rate)]
+    min_success_rate: f64,
+    /// P99 must stay below this many seconds.
+    #[arg(long = "max-p99", default_value_t = Thresholds::default().max_p99_seconds)]
+    max_p99_seconds: f64,
+    /// Fewer canary requests in the window: inconclusive.
+    #[arg(long, default_value_t = Thresholds::default().min_requests)]
+    min_requests: f64,
+    /// Print the verdict and the kubectl command, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Checks the flags, filling in from `env` (the environment) what they leave out.
+pub(crate) fn options(
+    args: PromoteArgs,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Options> {
-    let env_or = |name: &str, default: &str| {
-        env(name)
-            .filter(|v| !v.trim().is_empty())
+    let or_env = |flag: Option<String>, name: &str, default: &str| {
+        flag.or_else(|| env(name).filter(|v| !v.trim().is_empty()))
             .unwrap_or_else(|| default.to_owned())
     };
-    let mut prometheus_url = env_or("PROMETHEUS_URL", DEFAULT_PROMETHEUS_URL);
-    let mut rollout = env_or("ROLLOUT", DEFAULT_ROLLOUT);
-    let mut namespace = env_or("NAMESPACE", DEFAULT_NAMESPACE);
-    let mut kubectl = env_or("KUBECTL", "kubectl");
-    let mut service = None;
-    let (mut canary_hash, mut stable_hash) = (None, None);
-    let mut window = "2m".to_owned();
-    let mut thresholds = Thresholds::default();
-    let mut dry_run = false;
-
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
-            _ => (arg.as_str(), None),
-        };
-        if flag == "--dry-run" {
-            ensure!(inline.is_none(), "--dry-run takes no value");
-            dry_run = true;
-            continue;
-        }
-        let mut value = || -> anyhow::Result<String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => args
-                    .next()
-                    .cloned()
-                    .with_context(|| format!("{flag} needs a value")),
-            }
-        };
-        let number = |text: String| -> anyhow::Result<f64> {
-            text.parse::<f64>()
-                .ok()
-                .filter(|n| n.is_finite())
-                .with_context(|| format!("{flag}: {text:?} is not a number"))
-        };
-        match flag {
-            "--prometheus-url" => prometheus_url = value()?,
-            "--rollout" => rollout = value()?,
-            "--namespace" | "-n" => namespace = value()?,
-            "--service" => service = Some(value()?),
-            "--kubectl" => kubectl = value()?,
-            "--canary-hash" => canary_hash = Some(value()?),
-            "--stable-hash" => stable_hash = Some(value()?),
-            "--window" => window = value()?,
-            "--min-success-rate" => thresholds.min_success_rate = number(value()?)?,
-            "--max-p99" => thresholds.max_p99_seconds = number(value()?)?,
-            "--min-requests" => thresholds.min_requests = number(value()?)?,
-            other => bail!("unknown option {other:?}\n\n{}", HELP.trim()),
-        }
-    }
+    let prometheus_url = or_env(
+        args.prometheus_url,
+        "PROMETHEUS_URL",
+        DEFAULT_PROMETHEUS_URL,
+    );
+    let rollout = or_env(args.rollout, "ROLLOUT", DEFAULT_ROLLOUT);
+    let namespace = or_env(args.namespace, "NAMESPACE", DEFAULT_NAMESPACE);
+    let kubectl = or_env(args.kubectl, "KUBECTL", "kubectl");
+    let (service, canary_hash, stable_hash) = (args.service, args.canary_hash, args.stable_hash);
+    let (window, dry_run) = (args.window, args.dry_run);
+    let thresholds = Thresholds {
+        min_success_rate: args.min_success_rate,
+        max_p99_seconds: args.max_p99_seconds,
+        min_requests: args.min_requests,
+    };
+    ensure!(
+        thresholds.min_success_rate.is_finite()
+            && thresholds.max_p99_seconds.is_finite()
+            && thresholds.min_requests.is_finite(),
+        "the thresholds are finite numbers"
+    );
     ensure!(
         (0.0..=1.0).contains(&thresholds.min_success_rate),
         "--min-success-rate is a share between 0 and 1"
@@ -733,8 +719,20 @@ mod tests {
         );
     }
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+    /// Parses `list` as `cargo xtask canary promote` would, then checks it.
+    fn parse_options(
+        list: &[&str],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Options> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Promote {
+            #[command(flatten)]
+            args: PromoteArgs,
+        }
+        let parsed =
+            Promote::try_parse_from(std::iter::once("promote").chain(list.iter().copied()))?;
+        options(parsed.args, env)
     }
 
     fn no_env(_: &str) -> Option<String> {
@@ -778,7 +776,7 @@ mod tests {
             ("shop", "/opt/kubectl")
         );
         let o = parse_options(
-            &args(&[
+            &[
                 "--rollout",
                 "inventory-service",
                 "-n",
@@ -800,7 +798,7 @@ mod tests {
                 "--min-requests",
                 "10",
                 "--dry-run",
-            ]),
+            ],
             &env,
         )
         .unwrap();
@@ -842,7 +840,7 @@ mod tests {
             &["--canary-hash", "abc", "--stable-hash", "abc"],
             &["--dry-run=yes"],
         ] {
-            assert!(parse_options(&args(bad), &no_env).is_err(), "{bad:?}");
+            assert!(parse_options(bad, &no_env).is_err(), "{bad:?}");
         }
     }
 

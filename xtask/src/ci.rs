@@ -71,7 +71,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     )?;
     step(
         "crash drills, short form (cargo xtask drill --short: SIGKILL of every part mid-sale)",
-        || crate::drill::run(&["--short".to_owned()]),
+        || crate::drill::run(crate::drill::Args::short()),
     )?;
     println!("\nci: every step passed");
     Ok(())

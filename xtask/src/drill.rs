@@ -123,17 +123,31 @@ const RECONCILER_ENV: [(&str, &str); 2] = [
     ("FLASH_SALE_INVENTORY__RESERVATION_DEADLINE_SECS", "15"),
 ];
 
-pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
-    let mut parts = Vec::new();
-    let mut size = FULL;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--part" => parts.push(Part::parse(it.next().context("--part needs a name")?)?),
-            "--short" => size = SHORT,
-            other => bail!("unknown option {other} (see `cargo xtask help`)"),
+/// `cargo xtask drill`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Drill only this part (repeatable): order-service, inventory-service, gateway, redis,
+    /// redis-loss, broker, mariadb, order-service-pair. Default: every part.
+    #[arg(long = "part", value_name = "NAME", value_parser = |name: &str| Part::parse(name).map_err(|e| e.to_string()))]
+    parts: Vec<Part>,
+    /// The CI's smaller sale.
+    #[arg(long)]
+    short: bool,
+}
+
+impl Args {
+    /// Every part, on the CI's smaller sale (`cargo xtask ci`).
+    pub(crate) fn short() -> Self {
+        Self {
+            parts: Vec::new(),
+            short: true,
         }
     }
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let size = if args.short { SHORT } else { FULL };
+    let mut parts = args.parts;
     if parts.is_empty() {
         parts = Part::ALL.to_vec();
     }

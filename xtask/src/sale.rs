@@ -15,36 +15,43 @@ struct Options {
     hey: bool,
 }
 
-fn parse(args: &[String]) -> anyhow::Result<Options> {
-    // The seed's load test: 100000 requests, 1000 concurrent, for 10000 items.
-    let mut o = Options {
-        sale: SaleConfig {
-            activity: 1,
-            stock: 10_000,
-            requests: 100_000,
-            concurrency: 1000,
-            repeat_every: 3,
-            first_user: 1,
-            retry_ms: 0,
-        },
-        hey: false,
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--requests" => o.sale.requests = value()?.parse()?,
-            "--concurrency" => o.sale.concurrency = value()?.parse()?,
-            "--stock" => o.sale.stock = value()?.parse()?,
-            "--hey" => o.hey = true,
-            other => bail!("unknown option {other} (see `cargo xtask help`)"),
-        }
-    }
-    Ok(o)
+/// `cargo xtask sale`: defaults are the seed's load test (100,000 requests, 1,000 at a time,
+/// for 10,000 items).
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Create-order requests to send.
+    #[arg(long, default_value_t = 100_000)]
+    requests: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1000)]
+    concurrency: usize,
+    /// Items on sale.
+    #[arg(long, default_value_t = 10_000)]
+    stock: i64,
+    /// Also run the seed's `hey` command against the stack.
+    #[arg(long)]
+    hey: bool,
 }
 
-pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
-    let options = parse(args)?;
+impl Args {
+    fn options(&self) -> Options {
+        Options {
+            sale: SaleConfig {
+                activity: 1,
+                stock: self.stock,
+                requests: self.requests,
+                concurrency: self.concurrency,
+                repeat_every: 3,
+                first_user: 1,
+                retry_ms: 0,
+            },
+            hey: self.hey,
+        }
+    }
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<()> {
+    let options = args.options();
     crate::setup::run()?;
     services::build()?;
     let runtime = tokio::runtime::Runtime::new()?;

@@ -18,12 +18,7 @@ fn state_file() -> PathBuf {
     services::workspace_root().join(".flash-sale/running.json")
 }
 
-pub(crate) fn up(args: &[String]) -> anyhow::Result<()> {
-    let foreground = match args {
-        [] => false,
-        [f] if f == "--foreground" => true,
-        _ => bail!("usage: cargo xtask up [--foreground]"),
-    };
+pub(crate) fn up(foreground: bool) -> anyhow::Result<()> {
     if state_file().exists() {
         bail!("already running (see `cargo xtask status`); `cargo xtask down` stops it");
     }

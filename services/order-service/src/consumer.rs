@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use flash_sale_common::configuration::KafkaSettings;
 use flash_sale_common::domain::{ActivityId, OrderEvent, OrderNo};
 use flash_sale_common::redis::{Redis, ReservationState};
@@ -92,7 +93,12 @@ impl OrderConsumer {
 
     /// Consumes until `shutdown`; the batch in hand is finished and committed first.
     pub async fn run(self, shutdown: CancellationToken) {
-        let lag = tokio::spawn(report_lag(self.consumer.clone(), shutdown.clone()));
+        // The lag reporter holds the consumer too: it must end with this future, however that
+        // ends (dropped mid-batch included), or the consumer it keeps alive stays a member of
+        // the group and keeps its partitions from the next one.
+        let lag_stop = shutdown.child_token();
+        let _lag_stops_with_run = lag_stop.clone().drop_guard();
+        tokio::spawn(report_lag(self.consumer.clone(), lag_stop));
         while let Some(batch) = self.next_batch(&shutdown).await {
             if batch.is_empty() {
                 continue;
@@ -103,7 +109,6 @@ impl OrderConsumer {
                 tracing::warn!(%error, "offset commit failed; the batch will be redelivered");
             }
         }
-        lag.abort();
         tracing::info!("order consumer stopped");
     }
 
@@ -141,17 +146,24 @@ impl OrderConsumer {
     /// Stores a batch, retrying until it succeeds. Gives up only at shutdown, leaving the
     /// offsets uncommitted so the next owner of the partition stores it.
     async fn store_until_done(&self, batch: &Batch, shutdown: &CancellationToken) {
-        loop {
-            match self.store(batch).await {
-                Ok(_) => return,
-                Err(error) => {
-                    tracing::error!(%error, orders = batch.events.len(), "storing a batch failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_millis(self.settings.retry_backoff_ms)) => {}
-                    }
-                }
-            }
+        // Doubling from `retry_backoff_ms` up to 20 times that, with jitter so that the pods of
+        // a MySQL outage do not come back in step; no limit on tries: the offsets stay put and
+        // nothing newer is read until this batch is stored.
+        let first = Duration::from_millis(self.settings.retry_backoff_ms.max(1));
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(first)
+            .with_max_delay(first * 20)
+            .with_jitter()
+            .without_max_times();
+        let stored = (|| self.store(batch))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .notify(|error, pause| {
+                tracing::error!(%error, orders = batch.events.len(), retry_in_ms = pause.as_millis() as u64, "storing a batch failed; retrying");
+            });
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            _ = stored => {}
         }
     }
 

@@ -1,5 +1,5 @@
 //! A local token bucket: `capacity` tokens, refilled continuously at `rate` per second. Used by
-//! the hot-parameter rules (one bucket per key) and by the cluster limit's local fallback.
+//! the cluster limit's local fallback (the hot-parameter rules use governor's GCRA).
 
 use std::time::Duration;
 
@@ -41,13 +41,6 @@ impl TokenBucket {
         } else {
             Err(Duration::from_secs(1))
         }
-    }
-
-    /// Whether the bucket is full at `now`: such a bucket is the same as no bucket, so it can
-    /// be dropped from a map.
-    pub fn is_full(&self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens + elapsed * self.rate >= self.capacity
     }
 }
 

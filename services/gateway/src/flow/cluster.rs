@@ -16,6 +16,7 @@
 //! `gateway_cluster_fallback` (0/1) and `gateway_cluster_fallback_decisions_total{resource}`
 //! say how long and how much was decided locally.
 
+use backon::{ConstantBuilder, Retryable};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Duration;
@@ -259,31 +260,26 @@ impl ClusterLimiter {
     /// Connects to Redis (retrying until it can), then beats every `cluster.heartbeat_ms`, until
     /// `stop`. Until the first connection, the local share decides.
     pub async fn run(&self, redis: &RedisSettings, stop: CancellationToken) {
-        let retry = Duration::from_millis(self.settings.retry_ms.max(100));
         if self.redis.get().is_none() {
-            let mut warned = false;
-            loop {
-                let attempt = tokio::select! {
-                    () = stop.cancelled() => return,
-                    attempt = Redis::connect(redis) => attempt,
-                };
-                match attempt {
-                    Ok(connection) => {
-                        let _ = self.redis.set(connection);
-                        tracing::info!("cluster rate limit: connected to Redis");
-                        break;
+            // Every `retry_ms` until Redis answers (the local share decides meanwhile); the
+            // first failure is logged, the rest would only repeat it.
+            let retry = Duration::from_millis(self.settings.retry_ms.max(100));
+            let warned = std::sync::atomic::AtomicBool::new(false);
+            let connect = (|| Redis::connect(redis))
+                .retry(ConstantBuilder::default().with_delay(retry).without_max_times())
+                .sleep(tokio::time::sleep)
+                .notify(|error, _| {
+                    if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(%error, "cluster rate limit: cannot connect to Redis yet; the local share decides");
                     }
-                    Err(error) => {
-                        if !warned {
-                            tracing::warn!(%error, "cluster rate limit: cannot connect to Redis yet; the local share decides");
-                            warned = true;
-                        }
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(retry) => {}
-                        }
-                    }
-                }
+                });
+            let connection = tokio::select! {
+                () = stop.cancelled() => return,
+                connection = connect => connection,
+            };
+            if let Ok(connection) = connection {
+                let _ = self.redis.set(connection);
+                tracing::info!("cluster rate limit: connected to Redis");
             }
         }
         let interval = Duration::from_millis(self.settings.heartbeat_ms.max(10));

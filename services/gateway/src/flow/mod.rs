@@ -12,17 +12,23 @@
 //!
 //! Each rule type has its module: [`qps`], [`param`], [`system`], [`breaker`], [`cluster`],
 //! [`sold_out`]; [`stats`] keeps the per-resource metrics; [`window`] and [`bucket`] are the
-//! counting primitives. Time is tokio's, so tests run the rules on a paused clock.
+//! counting primitives; [`compiled`] turns the rule file ([`crate::rules`]) into limiters and
+//! [`reload`] keeps it current. Time is tokio's, so tests run the rules on a paused clock.
 
 pub mod breaker;
 pub mod bucket;
 pub mod cluster;
+pub mod compiled;
 pub mod param;
 pub mod qps;
+pub mod reload;
 pub mod sold_out;
 pub mod stats;
 pub mod system;
 pub mod window;
+
+pub use compiled::{CompiledRules, FlowLimiter};
+pub use reload::{ReloadOutcome, RulesStore};
 
 use std::cell::OnceCell;
 use std::net::IpAddr;
@@ -40,7 +46,7 @@ use self::sold_out::{SoldOut, SoldOutCheck, SoldOutProbe};
 use self::stats::{InFlight, ResourceStats, Resources};
 use self::system::{SystemBlock, SystemGuard, SystemPermit};
 use crate::resource::{Downstream, ResourceKey, RouteId};
-use crate::rules::{ControlBehavior, FlowLimiter, ParamKind, RulesStore};
+use crate::rules::{ControlBehavior, ParamKind};
 
 /// Why a request was refused: the `reason` label of `gateway_flow_blocked_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,7 +272,7 @@ impl Flow {
                         .as_deref(),
                 };
                 if let Some(value) = value
-                    && let Err(wait) = limiter.try_acquire(value, now)
+                    && let Err(wait) = limiter.try_acquire(value)
                 {
                     return Err(refuse(
                         BlockReason::of_param(kind),

@@ -411,9 +411,17 @@ fn hashes(canary: &str, stable: &str) -> Option<Hashes> {
 /// `cargo xtask canary promote ARGS` as the binary runs it, on a thread of its own (it starts
 /// its own runtime); `Err` is a non-zero exit.
 async fn run_cli(args: Vec<String>) -> anyhow::Result<()> {
-    let args: Vec<String> = std::iter::once("promote".to_owned()).chain(args).collect();
+    #[derive(clap::Parser)]
+    struct Canary {
+        #[command(subcommand)]
+        command: command::Command,
+    }
+    let line = ["canary".to_owned(), "promote".to_owned()]
+        .into_iter()
+        .chain(args);
+    let Canary { command } = clap::Parser::try_parse_from(line)?;
     tokio::task::spawn_blocking(move || {
-        std::thread::spawn(move || command::run(&args))
+        std::thread::spawn(move || command::run(command))
             .join()
             .expect("the command does not panic")
     })

@@ -62,7 +62,9 @@ const OTHER_EXPORTERS: &[(&str, &str)] = &[
 fn names_read_by_the_bundle() -> BTreeMap<String, BTreeSet<String>> {
     let mut read: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut add = |place: String, expr: &str| {
-        for name in promql::metric_names(&grafana_to_promql(expr)) {
+        let names = promql::metric_names(&grafana_to_promql(expr))
+            .unwrap_or_else(|e| panic!("{place}: {e}"));
+        for name in names {
             read.entry(name).or_default().insert(place.clone());
         }
     };
