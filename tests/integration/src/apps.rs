@@ -73,11 +73,25 @@ pub fn gateway_settings(stack: &Stack, order_url: &str, inventory_url: &str) -> 
 }
 
 pub async fn spawn_gateway(settings: gateway::Settings) -> anyhow::Result<RunningApp> {
-    let app = gateway::Application::build(settings).await?;
-    Ok(RunningApp::run(app.port(), app.management_port(), |t| {
-        app.run_until_stopped(t)
-    }))
+    Ok(spawn_gateway_with_state(settings).await?.0)
 }
+
+/// A running gateway and its state, for tests that look inside it (the cluster bucket's
+/// connection, replica count and fallback).
+pub async fn spawn_gateway_with_state(
+    settings: gateway::Settings,
+) -> anyhow::Result<(RunningApp, gateway::state::AppState)> {
+    let app = gateway::Application::build(settings).await?;
+    let state = app.state().clone();
+    let running = RunningApp::run(app.port(), app.management_port(), |t| {
+        app.run_until_stopped(t)
+    });
+    Ok((running, state))
+}
+
+/// What the `flash-sale-service` binary prints, then ` <base url> <management url>`, on a line
+/// of its own once its service listens; the `api` tests' `ServiceProcess` waits for it.
+pub const SERVICE_READY: &str = "flash-sale-service-listening";
 
 /// One running service.
 pub struct RunningApp {

@@ -7,6 +7,9 @@
 //! - [`scenario`]: a sale driven through the public API, with the report and the invariant check
 //!   of docs/design.md; the same code runs in the tests, in `cargo xtask sale` and in the NixOS VM
 //!   test (`flash-sale-scenario`).
+//!
+//! The `flash-sale-service` binary runs one service in a process of its own, for the
+//! integration tests that need its `/metrics` to itself or kill it like a pod.
 
 pub mod apps;
 pub mod scenario;

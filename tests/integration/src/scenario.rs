@@ -315,6 +315,27 @@ pub struct Stores {
     pub redis: redis::aio::MultiplexedConnection,
 }
 
+/// Lua scripts Redis has run so far (`EVALSHA`, and `EVAL` for a script not cached yet), from
+/// `INFO commandstats`: what a test counts to show that calls were saved.
+pub async fn scripts_run(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
+}
+
 impl Stores {
     pub async fn connect(database_url: &str, redis_url: &str) -> anyhow::Result<Self> {
         let db = MySqlPool::connect(database_url)

@@ -2,7 +2,8 @@
 //! broker (nisshi), each on a free 127.0.0.1 port, with its files under one temporary directory.
 //! Dropping a [`Stack`] stops them and deletes the directory; [`Stack::detach`] keeps them running
 //! (`cargo xtask up`). [`Stack::kill`] and [`Stack::restart`] crash a server with SIGKILL and
-//! start it again on the same port and data (the crash drills).
+//! start it again on the same port and data (the crash drills). [`Stack::start_redis_only`]
+//! starts Redis alone, for tests that need nothing else.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -242,6 +243,25 @@ impl Stack {
         root: Option<&Path>,
         detached: bool,
     ) -> anyhow::Result<Self> {
+        let mut stack = Self::empty(storage, root, detached)?;
+        stack.start_redis()?;
+        stack.start_mysql().await?;
+        stack.start_broker()?;
+        Ok(stack)
+    }
+
+    /// Starts Redis alone, for tests that need nothing else (the gateway's cluster-wide bucket):
+    /// MariaDB's start-up and migrations take seconds. Such a stack has no database and no
+    /// broker, so [`Stack::database_url`] and [`Stack::brokers`] name nothing that listens, and
+    /// only [`Server::Redis`] may be killed and restarted.
+    pub fn start_redis_only() -> anyhow::Result<Self> {
+        let mut stack = Self::empty(BrokerStorage::Memory, None, false)?;
+        stack.start_redis()?;
+        Ok(stack)
+    }
+
+    /// The stack's directory, with no server running yet.
+    fn empty(storage: BrokerStorage, root: Option<&Path>, detached: bool) -> anyhow::Result<Self> {
         let dir = match root {
             Some(root) => {
                 std::fs::create_dir_all(root)?;
@@ -253,7 +273,7 @@ impl Stack {
         }
         .keep();
         let password: String = format!("pw{:016x}", rand_u64());
-        let mut stack = Stack {
+        Ok(Stack {
             info: StackInfo {
                 dir,
                 redis_port: 0,
@@ -267,11 +287,7 @@ impl Stack {
             mysql: None,
             broker: None,
             detached,
-        };
-        stack.start_redis()?;
-        stack.start_mysql().await?;
-        stack.start_broker()?;
-        Ok(stack)
+        })
     }
 
     pub fn info(&self) -> &StackInfo {

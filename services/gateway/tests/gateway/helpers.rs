@@ -1,12 +1,12 @@
 //! Test support: tokens, small upstream apps standing in for order-service and
-//! inventory-service, a gateway on port 0, and a private redis-server.
+//! inventory-service, and a gateway on port 0. (The tests that need a real Redis live in
+//! `flash-sale-tests`, whose stack starts one: tests/integration/tests/gateway_cluster.rs.)
 //!
 //! The RSA keys (`keys.rs`) were generated for these tests with openssl and protect nothing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -388,82 +388,6 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A private redis-server on a free loopback port, in a temporary directory, without
-/// persistence; stopped on drop.
-pub(crate) struct TestRedis {
-    pub(crate) port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl TestRedis {
-    /// None when redis-server is not installed (`apt-get install redis-server`).
-    pub(crate) fn start() -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    /// A fresh, empty instance on `port` (a restart).
-    pub(crate) fn start_on(port: u16) -> Option<Self> {
-        let program = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())?;
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(program)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let redis = Self {
-            port,
-            child,
-            _dir: dir,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(redis)
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub(crate) fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -1,8 +1,9 @@
 //! The gateway's tests, in one binary: rule behaviour on a paused clock (`flow_rules`), the rule
 //! file (`reload`), the router in process (`router`), the running gateway in front of small
-//! upstream apps (`proxy`), and the cluster bucket on a private redis-server (`cluster`).
+//! upstream apps (`proxy`), and the settings (`configuration`). None starts an outside server:
+//! the cluster bucket on a real Redis is tested in `flash-sale-tests`
+//! (tests/integration/tests/gateway_cluster.rs), whose stack starts one.
 
-mod cluster;
 mod configuration;
 mod flow_rules;
 mod helpers;

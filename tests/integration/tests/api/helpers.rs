@@ -1,5 +1,5 @@
 use flash_sale_common::api;
-use flash_sale_tests::apps::TestApps;
+use flash_sale_tests::apps::{SERVICE_READY, TestApps};
 use flash_sale_tests::scenario::Stores;
 use flash_sale_tests::stack::{BrokerStorage, Stack};
 use serde_json::Value;
@@ -48,11 +48,6 @@ pub(crate) async fn create_order(apps: &TestApps, user: i64, activity: i64) -> (
 
 // ------------------------------------------------------------ services in their own processes
 
-/// The environment variable that hands a [`ServiceProcess`] child its service and settings.
-const SERVICE_PROCESS_ENV: &str = "FLASH_SALE_TEST_SERVICE_PROCESS";
-/// The line a service child prints once it listens: `<marker> <base url> <management url>`.
-const SERVICE_PROCESS_READY: &str = "flash-sale-service-process-listening";
-
 /// A service with its settings, to run in a [`ServiceProcess`].
 pub(crate) enum ServiceSettings {
     Order(order_service::Settings),
@@ -60,11 +55,12 @@ pub(crate) enum ServiceSettings {
     Gateway(gateway::Settings),
 }
 
-/// A real service running in a child process of this test binary, which re-runs itself with
-/// only [`service_process`] selected. In-process services share the process-wide Prometheus
-/// recorder with each other and with every test running alongside, so their `/metrics` cannot
-/// tell two instances apart; a child's `/metrics` holds its own series only, as a pod's does.
-/// Dropping it kills the child (by its pid) and removes its log.
+/// A real service running in a child process, the package's `flash-sale-service` binary. In-process
+/// services share the process-wide Prometheus recorder with each other and with every test
+/// running alongside, so their `/metrics` cannot tell two instances apart; a child's `/metrics`
+/// holds its own series only, as a pod's does. The child runs until its stdin closes, so it ends
+/// with this test binary even if that dies without dropping it. Dropping it kills the child (by
+/// its pid) and removes its log.
 pub(crate) struct ServiceProcess {
     pub(crate) name: &'static str,
     pub(crate) base_url: String,
@@ -79,22 +75,17 @@ impl ServiceProcess {
     pub(crate) async fn spawn(settings: ServiceSettings) -> anyhow::Result<Self> {
         use anyhow::Context;
         let (name, settings) = match &settings {
-            ServiceSettings::Order(s) => ("order-service", serde_json::to_value(s)?),
-            ServiceSettings::Inventory(s) => ("inventory-service", serde_json::to_value(s)?),
-            ServiceSettings::Gateway(s) => ("gateway", serde_json::to_value(s)?),
+            ServiceSettings::Order(s) => ("order-service", serde_json::to_string(s)?),
+            ServiceSettings::Inventory(s) => ("inventory-service", serde_json::to_string(s)?),
+            ServiceSettings::Gateway(s) => ("gateway", serde_json::to_string(s)?),
         };
         let dir = tempfile::Builder::new()
             .prefix("flash-sale-service-process-")
             .tempdir()?;
         let log = dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
-        let child = std::process::Command::new(std::env::current_exe()?)
-            .args(["helpers::service_process", "--exact", "--ignored"])
-            .args(["--nocapture", "--test-threads=1"])
-            .env(
-                SERVICE_PROCESS_ENV,
-                serde_json::json!({"service": name, "settings": settings}).to_string(),
-            )
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_flash-sale-service"))
+            .args([name, &settings])
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -117,8 +108,7 @@ impl ServiceProcess {
             let text = process.log_text();
             let ready = text
                 .lines()
-                .find_map(|line| line.split_once(SERVICE_PROCESS_READY))
-                .map(|(_, rest)| rest)
+                .find_map(|line| line.strip_prefix(SERVICE_READY))
                 .and_then(|rest| rest.trim().split_once(' '));
             if let Some((base_url, management_url)) = ready {
                 process.base_url = base_url.to_owned();
@@ -161,46 +151,4 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The body of a [`ServiceProcess`] child, not a test: it runs the service its parent named
-/// until the parent closes the child's stdin (it dropped the process, or died), at most 15
-/// minutes. Run without a parent, it fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the body of a service child process; ServiceProcess::spawn runs it"]
-async fn service_process() {
-    use flash_sale_tests::apps::{
-        init_test_tracing, spawn_gateway, spawn_inventory_service, spawn_order_service,
-    };
-    let spec: Value = serde_json::from_str(
-        &std::env::var(SERVICE_PROCESS_ENV)
-            .expect("started by ServiceProcess::spawn, which names the service and its settings"),
-    )
-    .expect("the service spec is JSON");
-    init_test_tracing();
-    let settings = spec["settings"].clone();
-    let app = match spec["service"].as_str() {
-        Some("order-service") => {
-            spawn_order_service(serde_json::from_value(settings).unwrap()).await
-        }
-        Some("inventory-service") => {
-            spawn_inventory_service(serde_json::from_value(settings).unwrap()).await
-        }
-        Some("gateway") => spawn_gateway(serde_json::from_value(settings).unwrap()).await,
-        other => panic!("unknown service {other:?}"),
-    }
-    .expect("the service starts");
-    // On a line of its own: libtest has printed the test's name without a newline.
-    println!(
-        "\n{SERVICE_PROCESS_READY} {} {}",
-        app.base_url, app.management_url
-    );
-    // A plain thread: a blocking read on stdin must not hold up the runtime's shutdown.
-    let (closed, stdin_closed) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
-        let _ = closed.send(());
-    });
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(900), stdin_closed).await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), app.stop()).await;
 }

@@ -201,22 +201,9 @@ async fn sold_out_is_answered_without_redis_and_a_restock_reopens_the_sale() {
     let stores = stores(&apps).await;
     let script_calls = || async {
         let mut conn = stores.redis.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut conn)
+        flash_sale_tests::scenario::scripts_run(&mut conn)
             .await
-            .unwrap();
-        info.lines()
-            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-            .filter_map(|l| {
-                l.split("calls=")
-                    .nth(1)?
-                    .split(',')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum::<u64>()
+            .unwrap()
     };
     let before = script_calls().await;
     for user in 3..53 {
