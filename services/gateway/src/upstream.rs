@@ -12,11 +12,14 @@ use anyhow::Context;
 use axum::body::Bytes;
 use axum::http::uri::{Authority, Scheme};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
 pub use self::pool::PoolCounts;
 use self::pool::{ExchangeError, Pool, PoolSettings};
-use crate::configuration::{RoutesSettings, UpstreamSettings};
+use crate::configuration::{RoutesSettings, UpstreamClient, UpstreamSettings};
 use crate::error::GatewayError;
 use crate::identity::Caller;
 use crate::resource::{Downstream, RouteId};
@@ -37,16 +40,29 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The client of one upstream's connections.
+#[derive(Debug)]
+enum Transport {
+    Pool(Pool),
+    HyperUtil(Client<HttpConnector, Full<Bytes>>),
+}
+
 /// One upstream: where it is, its connections, and the `Host` its requests carry.
 #[derive(Debug)]
 struct Target {
     base_url: String,
+    authority: Authority,
     host: HeaderValue,
-    pool: Pool,
+    transport: Transport,
 }
 
 impl Target {
-    fn new(downstream: Downstream, url: &str, pool: PoolSettings) -> anyhow::Result<Self> {
+    fn new(
+        downstream: Downstream,
+        url: &str,
+        client: UpstreamClient,
+        pool: PoolSettings,
+    ) -> anyhow::Result<Self> {
         // The setting's name, for messages: `upstreams.order_service`.
         let what = downstream.as_str().replace('-', "_");
         let uri: Uri = url
@@ -69,11 +85,65 @@ impl Target {
             authority.host(),
             authority.port_u16().unwrap_or(80)
         );
+        let transport = match client {
+            UpstreamClient::Pool => Transport::Pool(Pool::new(downstream.as_str(), address, pool)),
+            UpstreamClient::HyperUtil => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(pool.connect_timeout));
+                Transport::HyperUtil(
+                    Client::builder(TokioExecutor::new())
+                        .pool_max_idle_per_host(pool.max_idle)
+                        .pool_idle_timeout(pool.idle_timeout)
+                        .build(connector),
+                )
+            }
+        };
         Ok(Self {
             base_url: format!("http://{authority}"),
             host: HeaderValue::from_str(authority.as_str())?,
-            pool: Pool::new(downstream.as_str(), address, pool),
+            authority,
+            transport,
         })
+    }
+
+    /// One request and its whole answer (at most `limit` bytes of body) within `timeout`.
+    async fn exchange(
+        &self,
+        mut request: Request<Full<Bytes>>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Response<Bytes>, ExchangeError> {
+        let client = match &self.transport {
+            Transport::Pool(pool) => return pool.exchange(request, limit, timeout).await,
+            Transport::HyperUtil(client) => client,
+        };
+        // hyper-util's client takes the absolute URI.
+        let mut uri = std::mem::take(request.uri_mut()).into_parts();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        *request.uri_mut() = Uri::from_parts(uri).map_err(|_| ExchangeError::Closed)?;
+        let exchange = async {
+            let response = client.request(request).await.map_err(|error| {
+                if error.is_connect() {
+                    ExchangeError::Connect(std::io::Error::other(error))
+                } else {
+                    ExchangeError::Client(error)
+                }
+            })?;
+            let (head, body) = response.into_parts();
+            let body = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|error| match error.downcast::<hyper::Error>() {
+                    Ok(error) => ExchangeError::Http(*error),
+                    Err(_) => ExchangeError::TooLarge,
+                })?;
+            Ok(Response::from_parts(head, body.to_bytes()))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ExchangeError::TimedOut)?
     }
 }
 
@@ -92,16 +162,23 @@ struct Upstreams {
 
 impl Upstream {
     pub fn new(upstreams: &UpstreamSettings, routes: &RoutesSettings) -> anyhow::Result<Self> {
+        let client = upstreams.client;
         let pool = PoolSettings {
             max_idle: upstreams.pool_max_idle_per_host,
             idle_timeout: Duration::from_millis(upstreams.pool_idle_timeout_ms),
             connect_timeout: Duration::from_millis(upstreams.connect_timeout_ms),
         };
         Ok(Self(Arc::new(Upstreams {
-            order_service: Target::new(Downstream::OrderService, &upstreams.order_service, pool)?,
+            order_service: Target::new(
+                Downstream::OrderService,
+                &upstreams.order_service,
+                client,
+                pool,
+            )?,
             inventory_service: Target::new(
                 Downstream::InventoryService,
                 &upstreams.inventory_service,
+                client,
                 pool,
             )?,
             flash_sale_timeout: Duration::from_millis(routes.flash_sale.timeout_ms),
@@ -173,9 +250,7 @@ impl Upstream {
         *request.uri_mut() = path;
         *request.headers_mut() = headers;
 
-        let exchange = target
-            .pool
-            .exchange(request, self.0.max_response_bytes, timeout);
+        let exchange = target.exchange(request, self.0.max_response_bytes, timeout);
         let response = match exchange.await {
             Ok(response) => response,
             Err(ExchangeError::Connect(error)) => {
@@ -203,6 +278,7 @@ impl Upstream {
             Err(error) => {
                 let error = match error {
                     ExchangeError::Http(error) => error.to_string(),
+                    ExchangeError::Client(error) => format!("{error:#}"),
                     other => format!("{other:?}"),
                 };
                 tracing::warn!(%downstream, request_id = request_id(), %error, "upstream failed");
@@ -218,9 +294,13 @@ impl Upstream {
         &self.target(downstream).base_url
     }
 
-    /// What the pool of connections to `downstream` holds and has done so far.
-    pub fn pool_counts(&self, downstream: Downstream) -> PoolCounts {
-        self.target(downstream).pool.counts()
+    /// What the pool of connections to `downstream` holds and has done so far (`None` with
+    /// hyper-util's client, which does not tell).
+    pub fn pool_counts(&self, downstream: Downstream) -> Option<PoolCounts> {
+        match &self.target(downstream).transport {
+            Transport::Pool(pool) => Some(pool.counts()),
+            Transport::HyperUtil(_) => None,
+        }
     }
 }
 

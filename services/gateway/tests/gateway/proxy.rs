@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use gateway::Settings;
+use gateway::configuration::UpstreamClient;
 use gateway::resource::Downstream;
 use gateway::rules::{BreakerRule, BreakerStrategy, ParamKind, ParamRule, Rules};
 use gateway::upstream::PoolCounts;
@@ -42,7 +43,11 @@ async fn gateway_without_rules(
 
 /// The gateway's pool of connections to order-service.
 fn pool(gateway: &TestGateway) -> PoolCounts {
-    gateway.state.upstream.pool_counts(Downstream::OrderService)
+    gateway
+        .state
+        .upstream
+        .pool_counts(Downstream::OrderService)
+        .expect("the gateway's own pool")
 }
 
 #[tokio::test]
@@ -535,6 +540,64 @@ async fn behind_one_trusted_proxy_the_client_is_the_last_forwarded_address() {
     assert_eq!(
         send("198.51.100.7", 4).await.unwrap().status(),
         StatusCode::ACCEPTED
+    );
+    gateway.stop().await;
+}
+
+/// `upstreams.client = "hyper-util"` (the pool's trial, docs/performance.md) answers as the
+/// gateway's own pool does: forwarded with the caller's identity, an answer over the limit and a
+/// slow upstream refused in the common shape, an upstream that is gone refused as unreachable.
+#[tokio::test]
+async fn hyper_utils_client_forwards_and_fails_as_the_pool_does() {
+    let mut upstream = TestUpstream::start().await;
+    let (gateway, _rules) = gateway_without_rules(upstream.url(), |s| {
+        s.upstreams.client = UpstreamClient::HyperUtil;
+        s.upstreams.max_response_bytes = 4096;
+        s.routes.flash_sale.timeout_ms = 300;
+    })
+    .await;
+    assert!(
+        gateway
+            .state
+            .upstream
+            .pool_counts(Downstream::OrderService)
+            .is_none(),
+        "hyper-util's client keeps no counts"
+    );
+    let http = client();
+    let get = || async {
+        http.get(gateway.url(&format!("{}orders/1-abc", api::order::PREFIX)))
+            .bearer_auth(token(7))
+            .send()
+            .await
+            .unwrap()
+    };
+    let code = |body: Value| body["code"].as_str().and_then(ErrorCode::parse);
+
+    let echoed: Value = get().await.json().await.unwrap();
+    assert_eq!(echoed["headers"][api::USER_HEADER.as_str()], "7");
+    upstream.set(Behavior::Large(64 * 1024));
+    let over = get().await;
+    assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        over.text()
+            .await
+            .unwrap()
+            .contains("more than the gateway passes on")
+    );
+    upstream.set(Behavior::Slow(Duration::from_secs(2)));
+    let slow = get().await;
+    assert_eq!(slow.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        code(slow.json().await.unwrap()),
+        Some(ErrorCode::UpstreamTimeout)
+    );
+    upstream.stop().await;
+    let gone = get().await;
+    assert_eq!(gone.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        code(gone.json().await.unwrap()),
+        Some(ErrorCode::ServiceUnavailable)
     );
     gateway.stop().await;
 }
