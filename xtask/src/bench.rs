@@ -75,14 +75,10 @@ pub(crate) fn run(o: Args) -> anyhow::Result<()> {
 const DIRECT: usize = 0;
 const BARE: usize = 1;
 const GATEWAY: usize = 2;
-/// The gateway with hyper-util's pooled client instead of its own pool (`upstreams.client`):
-/// the trial that decides whether `upstream/pool.rs` stays (docs/performance.md).
-const GATEWAY_HYPER: usize = 3;
-const ARMS: [&str; 4] = [
+const ARMS: [&str; 3] = [
     "order-service: accepted (reserve + publish + ack)",
     "bare proxy -> order-service: accepted",
     "gateway -> order-service: accepted",
-    "gateway on hyper-util's client -> order-service: accepted",
 ];
 
 async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
@@ -158,11 +154,6 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     let (child, gateway) = services::start_with("gateway", &info, false, &gateway_env)?;
     let gateway_pid = child.id();
     children.push(child);
-    let mut hyper_env = gateway_env.to_vec();
-    hyper_env.push(("FLASH_SALE_UPSTREAMS__CLIENT", "hyper-util".to_owned()));
-    let (child, gateway_hyper) = services::start_with("gateway", &info, false, &hyper_env)?;
-    let gateway_hyper_pid = child.id();
-    children.push(child);
 
     // The same order-service behind the least a proxy can do.
     let (child, bare) = start_bare_proxy(bare_proxy, &order.url(), &info.dir)?;
@@ -177,8 +168,8 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     let mut machine_rounds = Vec::new();
     let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
     let mut activities = accepted_activities;
-    let pids = [order_pid, bare_pid, gateway_pid, gateway_hyper_pid];
-    let urls = [order.url(), bare, gateway.url(), gateway_hyper.url()];
+    let pids = [order_pid, bare_pid, gateway_pid];
+    let urls = [order.url(), bare, gateway.url()];
     for round in 1..=o.rounds {
         let mut rates = [0.0; ARMS.len()];
         let mut machine = [0.0; ARMS.len()];
@@ -201,7 +192,7 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
             )?;
             let per_request = |seconds: f64| seconds * 1e6 / run.requests.max(1) as f64;
             let after = pids.map(cpu_seconds);
-            let process: [f64; 4] = std::array::from_fn(|p| per_request(after[p] - before[p]));
+            let process: [f64; 3] = std::array::from_fn(|p| per_request(after[p] - before[p]));
             stores
                 .wait_for_drain(activity, Duration::from_secs(300))
                 .await?;
@@ -293,29 +284,20 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
         shares(|r| r[GATEWAY] / r[DIRECT])
     );
     println!(
-        "  through the gateway on hyper-util's client: {}",
-        shares(|r| r[GATEWAY_HYPER] / r[DIRECT])
-    );
-    println!(
         "accepted orders through the gateway, as a share of through the bare proxy: {}",
         shares(|r| r[GATEWAY] / r[BARE])
     );
-    println!(
-        "accepted orders through the gateway, its own pool as a share of hyper-util's client: {}",
-        shares(|r| r[GATEWAY] / r[GATEWAY_HYPER])
-    );
+
     println!(
         "\nCPU per request, in microseconds: each process's (user + system, /proc/<pid>/stat), and the"
     );
     println!(
         "whole machine's from the start of the run until its orders were written (/proc/stat, steal excluded):\n"
     );
-    println!("| run | order-service | bare proxy | gateway | gateway (hyper-util) | machine |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (name, [order_us, bare_us, gateway_us, hyper_us], machine_us) in &cpu {
-        println!(
-            "| {name} | {order_us:.1} | {bare_us:.1} | {gateway_us:.1} | {hyper_us:.1} | {machine_us:.1} |"
-        );
+    println!("| run | order-service | bare proxy | gateway | machine |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, [order_us, bare_us, gateway_us], machine_us) in &cpu {
+        println!("| {name} | {order_us:.1} | {bare_us:.1} | {gateway_us:.1} | {machine_us:.1} |");
     }
     let costs: Vec<f64> = machine_rounds
         .iter()

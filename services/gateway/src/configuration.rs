@@ -54,15 +54,6 @@ impl Default for Settings {
     }
 }
 
-/// The HTTP client of the proxied requests (`upstreams.client`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UpstreamClient {
-    #[default]
-    Pool,
-    HyperUtil,
-}
-
 /// Where the downstream services listen (`FLASH_SALE_UPSTREAMS__ORDER_SERVICE`, ...).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpstreamSettings {
@@ -70,9 +61,6 @@ pub struct UpstreamSettings {
     pub order_service: String,
     /// Base URL of inventory-service; `/api/inventory/**` goes there.
     pub inventory_service: String,
-    /// Which client carries the proxied requests: `pool` (the gateway's own, `upstream/pool.rs`)
-    /// or `hyper-util` (hyper-util's pooled client), for the bench that compares them.
-    pub client: UpstreamClient,
     /// Idle keep-alive connections kept per upstream host. The proxy reuses them instead of
     /// paying a TCP handshake per request; under the seed's 1000-connection load most are busy.
     pub pool_max_idle_per_host: usize,
@@ -92,7 +80,6 @@ impl Default for UpstreamSettings {
         Self {
             order_service: "http://127.0.0.1:8082".into(),
             inventory_service: "http://127.0.0.1:8084".into(),
-            client: UpstreamClient::default(),
             pool_max_idle_per_host: 1024,
             pool_idle_timeout_ms: 90_000,
             connect_timeout_ms: 1000,

@@ -1,8 +1,11 @@
-//! The way to the downstream services: a pool of keep-alive HTTP/1.1 connections per upstream
-//! ([`pool`]), a timeout per route, the request id passed on, hop-by-hop headers dropped, and the
-//! caller's identity set in `x-user-id` (whatever the client sent there is gone by now).
-
-mod pool;
+//! The way to the downstream services: hyper-util's pooled client, keep-alive HTTP/1.1
+//! connections per upstream, a timeout per route, the request id passed on, hop-by-hop headers
+//! dropped, and the caller's identity set in `x-user-id` (whatever the client sent there is gone
+//! by now).
+//!
+//! A pool of the gateway's own stood here until its trial with the broker's durable log: in five
+//! interleaved rounds it saved nothing beyond the rounds' spread (docs/performance.md, "The
+//! upstream pool on trial").
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,11 +18,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use self::pool::PoolCounts;
-use self::pool::{ExchangeError, Pool, PoolSettings};
-use crate::configuration::{RoutesSettings, UpstreamClient, UpstreamSettings};
+use crate::configuration::{RoutesSettings, UpstreamSettings};
 use crate::error::GatewayError;
 use crate::identity::Caller;
 use crate::resource::{Downstream, RouteId};
@@ -40,11 +41,30 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// The client of one upstream's connections.
+/// Why an exchange produced no answer.
 #[derive(Debug)]
-enum Transport {
-    Pool(Pool),
-    HyperUtil(Client<HttpConnector, Full<Bytes>>),
+enum ExchangeError {
+    /// No connection could be opened (refused, name not resolved, or slower than the connect
+    /// timeout): nothing was sent.
+    Connect(hyper_util::client::legacy::Error),
+    /// The client failed once the request could have been written.
+    Client(hyper_util::client::legacy::Error),
+    /// The answer's body failed midway.
+    Body(hyper::Error),
+    /// The answer's body was longer than the limit.
+    TooLarge,
+    /// No whole answer before the deadline.
+    TimedOut,
+}
+
+/// How the connections to each upstream are kept.
+#[derive(Debug, Clone, Copy)]
+struct PoolSettings {
+    /// Idle connections kept; more are closed when they come back.
+    max_idle: usize,
+    /// An idle connection older than this is closed instead of used.
+    idle_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 /// One upstream: where it is, its connections, and the `Host` its requests carry.
@@ -53,16 +73,11 @@ struct Target {
     base_url: String,
     authority: Authority,
     host: HeaderValue,
-    transport: Transport,
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Target {
-    fn new(
-        downstream: Downstream,
-        url: &str,
-        client: UpstreamClient,
-        pool: PoolSettings,
-    ) -> anyhow::Result<Self> {
+    fn new(downstream: Downstream, url: &str, pool: PoolSettings) -> anyhow::Result<Self> {
         // The setting's name, for messages: `upstreams.order_service`.
         let what = downstream.as_str().replace('-', "_");
         let uri: Uri = url
@@ -80,30 +95,19 @@ impl Target {
             .authority()
             .cloned()
             .with_context(|| format!("upstreams.{what} has no host: {url}"))?;
-        let address = format!(
-            "{}:{}",
-            authority.host(),
-            authority.port_u16().unwrap_or(80)
-        );
-        let transport = match client {
-            UpstreamClient::Pool => Transport::Pool(Pool::new(downstream.as_str(), address, pool)),
-            UpstreamClient::HyperUtil => {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(pool.connect_timeout));
-                Transport::HyperUtil(
-                    Client::builder(TokioExecutor::new())
-                        .pool_max_idle_per_host(pool.max_idle)
-                        .pool_idle_timeout(pool.idle_timeout)
-                        .build(connector),
-                )
-            }
-        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(pool.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(pool.max_idle)
+            .pool_idle_timeout(pool.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
         Ok(Self {
             base_url: format!("http://{authority}"),
             host: HeaderValue::from_str(authority.as_str())?,
             authority,
-            transport,
+            client,
         })
     }
 
@@ -114,19 +118,15 @@ impl Target {
         limit: usize,
         timeout: Duration,
     ) -> Result<Response<Bytes>, ExchangeError> {
-        let client = match &self.transport {
-            Transport::Pool(pool) => return pool.exchange(request, limit, timeout).await,
-            Transport::HyperUtil(client) => client,
-        };
         // hyper-util's client takes the absolute URI.
         let mut uri = std::mem::take(request.uri_mut()).into_parts();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(self.authority.clone());
-        *request.uri_mut() = Uri::from_parts(uri).map_err(|_| ExchangeError::Closed)?;
+        *request.uri_mut() = Uri::from_parts(uri).expect("a path with a scheme and an authority");
         let exchange = async {
-            let response = client.request(request).await.map_err(|error| {
+            let response = self.client.request(request).await.map_err(|error| {
                 if error.is_connect() {
-                    ExchangeError::Connect(std::io::Error::other(error))
+                    ExchangeError::Connect(error)
                 } else {
                     ExchangeError::Client(error)
                 }
@@ -136,7 +136,7 @@ impl Target {
                 .collect()
                 .await
                 .map_err(|error| match error.downcast::<hyper::Error>() {
-                    Ok(error) => ExchangeError::Http(*error),
+                    Ok(error) => ExchangeError::Body(*error),
                     Err(_) => ExchangeError::TooLarge,
                 })?;
             Ok(Response::from_parts(head, body.to_bytes()))
@@ -162,23 +162,16 @@ struct Upstreams {
 
 impl Upstream {
     pub fn new(upstreams: &UpstreamSettings, routes: &RoutesSettings) -> anyhow::Result<Self> {
-        let client = upstreams.client;
         let pool = PoolSettings {
             max_idle: upstreams.pool_max_idle_per_host,
             idle_timeout: Duration::from_millis(upstreams.pool_idle_timeout_ms),
             connect_timeout: Duration::from_millis(upstreams.connect_timeout_ms),
         };
         Ok(Self(Arc::new(Upstreams {
-            order_service: Target::new(
-                Downstream::OrderService,
-                &upstreams.order_service,
-                client,
-                pool,
-            )?,
+            order_service: Target::new(Downstream::OrderService, &upstreams.order_service, pool)?,
             inventory_service: Target::new(
                 Downstream::InventoryService,
                 &upstreams.inventory_service,
-                client,
                 pool,
             )?,
             flash_sale_timeout: Duration::from_millis(routes.flash_sale.timeout_ms),
@@ -254,6 +247,7 @@ impl Upstream {
         let response = match exchange.await {
             Ok(response) => response,
             Err(ExchangeError::Connect(error)) => {
+                let error = with_sources(&error);
                 tracing::warn!(%downstream, request_id = request_id(), %error, "upstream unreachable");
                 return Err(GatewayError::UpstreamUnreachable(downstream));
             }
@@ -275,12 +269,13 @@ impl Upstream {
                 );
                 return Err(GatewayError::UpstreamTimeout(downstream));
             }
-            Err(error) => {
-                let error = match error {
-                    ExchangeError::Http(error) => error.to_string(),
-                    ExchangeError::Client(error) => format!("{error:#}"),
-                    other => format!("{other:?}"),
-                };
+            Err(ExchangeError::Client(error)) => {
+                let error = with_sources(&error);
+                tracing::warn!(%downstream, request_id = request_id(), %error, "upstream failed");
+                return Err(GatewayError::UpstreamFailed(downstream));
+            }
+            Err(ExchangeError::Body(error)) => {
+                let error = error.to_string();
                 tracing::warn!(%downstream, request_id = request_id(), %error, "upstream failed");
                 return Err(GatewayError::UpstreamFailed(downstream));
             }
@@ -293,15 +288,19 @@ impl Upstream {
     pub fn base_url(&self, downstream: Downstream) -> &str {
         &self.target(downstream).base_url
     }
+}
 
-    /// What the pool of connections to `downstream` holds and has done so far (`None` with
-    /// hyper-util's client, which does not tell).
-    pub fn pool_counts(&self, downstream: Downstream) -> Option<PoolCounts> {
-        match &self.target(downstream).transport {
-            Transport::Pool(pool) => Some(pool.counts()),
-            Transport::HyperUtil(_) => None,
-        }
+/// An error and its causes, `outer: inner: innermost` (hyper-util's errors say only "client
+/// error (Connect)" by themselves).
+fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
+    text
 }
 
 /// Removes the hop-by-hop headers, and those the `Connection` header names.
