@@ -13,6 +13,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use flash_sale_common::api;
 use flash_sale_tests::apps::http_client;
 use flash_sale_tests::scenario::{
     Admin, InvariantReport, LoadReport, SaleConfig, Stores, drive_sale,
@@ -526,7 +527,7 @@ async fn bad_input_changes_nothing(
     stores: &Stores,
     activity: i64,
 ) -> anyhow::Result<()> {
-    let url = format!("{gateway}/api/flash-sale/order/create");
+    let url = format!("{gateway}{}", api::order::CREATE);
     let before = (
         stores.order_count(activity).await?,
         stores.redis_stock(activity).await?,

@@ -4,6 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use flash_sale_common::api;
 use flash_sale_tests::apps::http_client;
 use flash_sale_tests::scenario::{Admin, SaleConfig, Stores, drive_sale};
 use flash_sale_tests::stack::{BrokerStorage, Stack};
@@ -141,7 +142,7 @@ fn run_hey(order_url: &str) -> anyhow::Result<()> {
             "-d",
             r#"{"userId":"{random}","activityId":"1","quantity":1}"#,
         ])
-        .arg(format!("{order_url}/api/flash-sale/order/create"))
+        .arg(format!("{order_url}{}", api::order::CREATE))
         .output()
         .context("running hey")?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use flash_sale_common::api;
 use flash_sale_tests::stack::{BrokerStorage, Stack, StackInfo};
 use serde::{Deserialize, Serialize};
 
@@ -91,12 +92,14 @@ fn print_running(r: &Running) {
     let ord = r.services.get(2).unwrap_or(&r.services[0]);
     println!("\ntry it (the buy goes through the gateway, the last URL above):");
     println!(
-        "  curl -s -X POST {}/api/inventory/activities -H 'Authorization: Bearer {LOCAL_ADMIN_TOKEN}' \\\n    -H 'Content-Type: application/json' -d '{{\"activityId\":\"1\",\"name\":\"demo\",\"stock\":100}}'",
-        inv.url()
+        "  curl -s -X POST {}{} -H 'Authorization: Bearer {LOCAL_ADMIN_TOKEN}' \\\n    -H 'Content-Type: application/json' -d '{{\"activityId\":\"1\",\"name\":\"demo\",\"stock\":100}}'",
+        inv.url(),
+        api::inventory::ACTIVITIES
     );
     println!(
-        "  curl -s -X POST {}/api/flash-sale/order/create -H 'Content-Type: application/json' \\\n    -d '{{\"userId\":\"42\",\"activityId\":\"1\",\"quantity\":1}}'",
-        ord.url()
+        "  curl -s -X POST {}{} -H 'Content-Type: application/json' \\\n    -d '{{\"userId\":\"42\",\"activityId\":\"1\",\"quantity\":1}}'",
+        ord.url(),
+        api::order::CREATE
     );
 }
 
