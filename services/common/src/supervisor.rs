@@ -38,7 +38,7 @@ enum Action {
     /// Cancels the step's token and waits for its tasks.
     Stop(CancellationToken),
     /// Runs once, after the steps before it.
-    Run(Option<BoxFuture>),
+    Run(BoxFuture),
 }
 
 struct Step {
@@ -87,7 +87,7 @@ impl Supervisor {
     ) {
         self.steps.push(Step {
             name,
-            action: Action::Run(Some(Box::pin(work))),
+            action: Action::Run(Box::pin(work)),
         });
     }
 
@@ -143,11 +143,8 @@ impl Supervisor {
                         }
                     }
                 }
-                Action::Run(mut work) => {
-                    if let Some(Err(error)) = match work.take() {
-                        Some(work) => Some(work.await),
-                        None => None,
-                    } {
+                Action::Run(work) => {
+                    if let Err(error) = work.await {
                         tracing::error!(service = self.service, step = step.name, %error, "a drain step failed");
                         failures.push(error.context(format!("the drain step {:?}", step.name)));
                     }

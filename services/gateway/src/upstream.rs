@@ -57,16 +57,6 @@ enum ExchangeError {
     TimedOut,
 }
 
-/// How the connections to each upstream are kept.
-#[derive(Debug, Clone, Copy)]
-struct PoolSettings {
-    /// Idle connections kept; more are closed when they come back.
-    max_idle: usize,
-    /// An idle connection older than this is closed instead of used.
-    idle_timeout: Duration,
-    connect_timeout: Duration,
-}
-
 /// One upstream: where it is, its connections, and the `Host` its requests carry.
 #[derive(Debug)]
 struct Target {
@@ -77,7 +67,7 @@ struct Target {
 }
 
 impl Target {
-    fn new(downstream: Downstream, url: &str, pool: PoolSettings) -> anyhow::Result<Self> {
+    fn new(downstream: Downstream, url: &str, pool: &UpstreamSettings) -> anyhow::Result<Self> {
         // The setting's name, for messages: `upstreams.order_service`.
         let what = downstream.as_str().replace('-', "_");
         let uri: Uri = url
@@ -97,10 +87,10 @@ impl Target {
             .with_context(|| format!("upstreams.{what} has no host: {url}"))?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(pool.connect_timeout));
+        connector.set_connect_timeout(Some(Duration::from_millis(pool.connect_timeout_ms)));
         let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(pool.max_idle)
-            .pool_idle_timeout(pool.idle_timeout)
+            .pool_max_idle_per_host(pool.pool_max_idle_per_host)
+            .pool_idle_timeout(Duration::from_millis(pool.pool_idle_timeout_ms))
             .pool_timer(TokioTimer::new())
             .build(connector);
         Ok(Self {
@@ -162,17 +152,16 @@ struct Upstreams {
 
 impl Upstream {
     pub fn new(upstreams: &UpstreamSettings, routes: &RoutesSettings) -> anyhow::Result<Self> {
-        let pool = PoolSettings {
-            max_idle: upstreams.pool_max_idle_per_host,
-            idle_timeout: Duration::from_millis(upstreams.pool_idle_timeout_ms),
-            connect_timeout: Duration::from_millis(upstreams.connect_timeout_ms),
-        };
         Ok(Self(Arc::new(Upstreams {
-            order_service: Target::new(Downstream::OrderService, &upstreams.order_service, pool)?,
+            order_service: Target::new(
+                Downstream::OrderService,
+                &upstreams.order_service,
+                upstreams,
+            )?,
             inventory_service: Target::new(
                 Downstream::InventoryService,
                 &upstreams.inventory_service,
-                pool,
+                upstreams,
             )?,
             flash_sale_timeout: Duration::from_millis(routes.flash_sale.timeout_ms),
             inventory_timeout: Duration::from_millis(routes.inventory.timeout_ms),
