@@ -48,8 +48,9 @@ Environment:
 
 Secrets are never stored in this repository. On first install, deploy.sh creates them with
 random values: mysql-secret (root-password, app-password), flash-sale-db (url),
-inventory-admin (token) and gateway-auth (hs256-secret, the token issuer's HS256 key). Create
-them yourself beforehand to choose the values.
+inventory-admin (token), gateway-auth (hs256-secret, the token issuer's HS256 key) and
+payment-provider (callback-secret, the key the payment provider signs its callbacks with).
+Create them yourself beforehand to choose the values.
 EOF
 }
 
@@ -214,7 +215,7 @@ ensure_infra_secrets() {
 
 ensure_service_secrets() {
   if [[ "$DRY_RUN" == true ]]; then
-    log "would create secrets flash-sale-db (url), inventory-admin (token) and gateway-auth (hs256-secret) unless they exist"
+    log "would create secrets flash-sale-db (url), inventory-admin (token), gateway-auth (hs256-secret) and payment-provider (callback-secret) unless they exist"
     return 0
   fi
   if ! secret_exists flash-sale-db; then
@@ -228,6 +229,10 @@ ensure_service_secrets() {
   if ! secret_exists gateway-auth; then
     create_secret gateway-auth "hs256-secret=$(random_secret)"
     log "gateway-auth holds a random HS256 key: replace it with your token issuer's key"
+  fi
+  if ! secret_exists payment-provider; then
+    create_secret payment-provider "callback-secret=$(random_secret)"
+    log "payment-provider holds a random callback key: replace it with your payment provider's key"
   fi
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod canary;
 mod ci;
 mod drill;
+mod pay;
 mod sale;
 mod services;
 mod setup;
@@ -49,6 +50,9 @@ enum Command {
     },
     /// Stop what `up` started.
     Down,
+    /// Pay for an order of what `up` started, through the payment simulator (a stand-in for
+    /// the provider's signed callback).
+    Pay(pay::Args),
     /// Show what `up` started.
     Status,
     /// Install redis-server, mariadb-server, hey, wrk and the nisshi broker if missing.
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Drill(args) => drill::run(args),
         Command::Up { foreground } => up::up(foreground),
         Command::Down => up::down(),
+        Command::Pay(args) => pay::run(args),
         Command::Status => up::status(),
         Command::Setup => setup::run(),
         Command::Ci => ci::run(),

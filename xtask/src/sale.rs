@@ -6,15 +6,20 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use flash_sale_common::api;
 use flash_sale_tests::apps::http_client;
-use flash_sale_tests::scenario::{Admin, SaleConfig, Stores, drive_sale};
+use flash_sale_tests::payments::PaymentSimulator;
+use flash_sale_tests::scenario::{Admin, SaleConfig, Stores, after_the_sale, drive_sale};
 use flash_sale_tests::stack::{BrokerStorage, Stack};
 
-use crate::services::{self, LOCAL_ADMIN_TOKEN};
+use crate::services::{self, LOCAL_ADMIN_TOKEN, LOCAL_PAYMENT_SECRET};
 
 struct Options {
     sale: SaleConfig,
     hey: bool,
+    pay_timeout_secs: i64,
 }
+
+/// The price of one item in the local sale, in cents.
+const PRICE_CENTS: i64 = 1999;
 
 /// `cargo xtask sale`: defaults are the seed's load test (100,000 requests, 1,000 at a time,
 /// for 10,000 items).
@@ -32,6 +37,10 @@ pub(crate) struct Args {
     /// Also run the seed's `hey` command against the stack.
     #[arg(long)]
     hey: bool,
+    /// Seconds a buyer has to pay (15 minutes in a real sale; short here, so the unpaid orders
+    /// expire and their stock sells again while you watch).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=3600))]
+    pay_timeout_secs: i64,
 }
 
 impl Args {
@@ -47,6 +56,7 @@ impl Args {
                 retry_ms: 0,
             },
             hey: self.hey,
+            pay_timeout_secs: self.pay_timeout_secs,
         }
     }
 }
@@ -86,11 +96,18 @@ async fn sale(o: Options) -> anyhow::Result<()> {
     let result = async {
         let http = http_client();
         let admin = Admin::new(http.clone(), &inventory_url, LOCAL_ADMIN_TOKEN);
-        admin.create_activity(o.sale.activity, o.sale.stock).await?;
+        admin
+            .create_activity_with(
+                o.sale.activity,
+                o.sale.stock,
+                serde_json::json!({"priceCents": PRICE_CENTS, "payTimeoutSecs": o.pay_timeout_secs}),
+            )
+            .await?;
         println!(
-            "\nactivity {} on sale with {} items; {} buyers send {} requests ({} at a time; 1 request in {} repeats a user who already tried)\n",
+            "\n1. the sale: activity {} on sale with {} items at {PRICE_CENTS} cents, {} s to pay; {} buyers send {} requests ({} at a time; 1 request in {} repeats a user who already tried)\n",
             o.sale.activity,
             o.sale.stock,
+            o.pay_timeout_secs,
             o.sale.requests - o.sale.requests / o.sale.repeat_every.max(1),
             o.sale.requests,
             o.sale.concurrency,
@@ -103,22 +120,68 @@ async fn sale(o: Options) -> anyhow::Result<()> {
             .wait_for_drain(o.sale.activity, Duration::from_secs(300))
             .await?;
         println!("queue drained {:.2} s after the load ended\n", drained.as_secs_f64());
-        let report = stores
-            .check_invariants(o.sale.activity, o.sale.stock, &load.accepted)
+
+        println!("2. after the sale: of every ten buyers, seven pay, one cancels, two let the order expire");
+        let simulator = PaymentSimulator::new(http.clone(), &order_url, LOCAL_PAYMENT_SECRET);
+        let after =
+            after_the_sale(&http, &order_url, &simulator, PRICE_CENTS, &load.accepted).await?;
+        println!("{after}");
+        let expiry = Duration::from_secs(o.pay_timeout_secs as u64 + 120);
+        let waited = stores.wait_for_expiry(o.sale.activity, expiry).await?;
+        let back = stores.redis_stock(o.sale.activity).await?;
+        println!(
+            "  unpaid orders expired and every return reached Redis {:.1} s later: {back} items back on sale\n",
+            waited.as_secs_f64()
+        );
+
+        let second = SaleConfig {
+            stock: back,
+            requests: (back as usize * 3).max(100),
+            concurrency: o.sale.concurrency.min(200),
+            repeat_every: 0,
+            first_user: o.sale.first_user + o.sale.requests as i64 + 1_000_000,
+            ..o.sale.clone()
+        };
+        println!(
+            "3. the second wave: {} new buyers send {} requests for the {back} items given back\n",
+            second.requests, second.requests
+        );
+        let wave = drive_sale(&http, &order_url, &second).await;
+        println!("{wave}");
+        stores
+            .wait_for_drain(o.sale.activity, Duration::from_secs(300))
             .await?;
-        println!("invariants (docs/design.md)\n{report}");
+
+        let accepted: Vec<(String, i64)> =
+            load.accepted.iter().chain(&wave.accepted).cloned().collect();
+        let report = stores
+            .check_invariants(o.sale.activity, o.sale.stock, &accepted)
+            .await?;
+        println!("invariants (docs/design.md), over both waves\n{report}");
         let report_path = root.join("report.json");
         std::fs::write(
             &report_path,
-            serde_json::to_string_pretty(&serde_json::json!({"load": load, "invariants": report}))?,
+            serde_json::to_string_pretty(&serde_json::json!({
+                "load": load,
+                "afterSale": after,
+                "secondWave": wave,
+                "invariants": report,
+            }))?,
         )?;
         println!("full report: {}", report_path.display());
         if o.hey {
             run_hey(&order_url)?;
         }
         report.ensure()?;
-        if load.count_5xx() > 0 {
-            bail!("{} requests answered 5xx", load.count_5xx());
+        if wave.accepted.len() as i64 != back {
+            bail!(
+                "the second wave bought {} of the {back} items given back",
+                wave.accepted.len()
+            );
+        }
+        let errors = load.count_5xx() + wave.count_5xx();
+        if errors > 0 {
+            bail!("{errors} requests answered 5xx");
         }
         anyhow::Ok(())
     }

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 /// The admin token of a local stack (local only; never a production value).
 pub(crate) const LOCAL_ADMIN_TOKEN: &str = "local-admin-token";
+/// The key the local order-service and the payment simulator (`cargo xtask pay`) share.
+pub(crate) const LOCAL_PAYMENT_SECRET: &str = "local-payment-callback-secret";
 
 pub(crate) const SERVICES: &[&str] = &["order-service", "inventory-service"];
 
@@ -191,6 +193,7 @@ impl Launch {
             .env("FLASH_SALE_DATABASE__URL", stack.database_url())
             .env("FLASH_SALE_KAFKA__BROKERS", stack.brokers())
             .env("FLASH_SALE_INVENTORY__ADMIN_TOKEN", LOCAL_ADMIN_TOKEN)
+            .env("FLASH_SALE_PAYMENT__CALLBACK_SECRET", LOCAL_PAYMENT_SECRET)
             .env("FLASH_SALE_TELEMETRY__LOG_FORMAT", "json")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -10,9 +10,26 @@ use serde::{Deserialize, Serialize};
 use crate::services::{self, LOCAL_ADMIN_TOKEN, ServiceInfo};
 
 #[derive(Debug, Serialize, Deserialize)]
-struct Running {
+pub(crate) struct Running {
     stack: StackInfo,
     services: Vec<ServiceInfo>,
+}
+
+/// What `up` started, from `.flash-sale/running.json`.
+pub(crate) fn running() -> anyhow::Result<Running> {
+    let text = std::fs::read_to_string(state_file())
+        .context("nothing is running: `cargo xtask up` starts it")?;
+    serde_json::from_str(&text).context("reading .flash-sale/running.json")
+}
+
+impl Running {
+    /// The gateway when it runs, else the named service.
+    pub(crate) fn url_of(&self, name: &str) -> Option<String> {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .map(ServiceInfo::url)
+    }
 }
 
 fn state_file() -> PathBuf {
@@ -100,6 +117,15 @@ fn print_running(r: &Running) {
         "  curl -s -X POST {}{} -H 'Content-Type: application/json' \\\n    -d '{{\"userId\":\"42\",\"activityId\":\"1\",\"quantity\":1}}'",
         ord.url(),
         api::order::CREATE
+    );
+    println!(
+        "\nthen, with the orderNo it answered (once the order is CREATED, a moment later):\n  curl -s {}{}  -H 'x-user-id: 42'\n  cargo xtask pay <orderNo>        (the payment simulator signs and sends the provider's callback)\n  curl -s -X POST {}{} -H 'Content-Type: application/json' -d '{{\"userId\":\"42\"}}'\n  curl -s '{}{}?userId=42'",
+        ord.url(),
+        api::order::one("<orderNo>"),
+        ord.url(),
+        api::order::cancel("<orderNo>"),
+        ord.url(),
+        api::order::MINE
     );
 }
 

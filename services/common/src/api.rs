@@ -30,9 +30,22 @@ pub mod order {
     /// One order, as an axum route (`GET`).
     pub const ONE: &str = "/api/flash-sale/order/{order_no}";
 
+    /// The buyer cancels one of their orders (`POST`); its stock goes back on sale.
+    pub const CANCEL: &str = "/api/flash-sale/order/{order_no}/cancel";
+    /// The buyer's own orders (`GET`), newest first.
+    pub const MINE: &str = "/api/flash-sale/orders";
+    /// The payment provider confirms a payment (`POST`, signed: [`crate::payment`]). The
+    /// gateway asks no buyer's token for it: the signature is its authentication.
+    pub const PAYMENT_CALLBACK: &str = "/api/flash-sale/payment/callback";
+
     /// The path of one order, as a `Location` and for clients.
     pub fn one(order_no: impl std::fmt::Display) -> String {
         format!("/api/flash-sale/order/{order_no}")
+    }
+
+    /// The path that cancels one order.
+    pub fn cancel(order_no: impl std::fmt::Display) -> String {
+        format!("/api/flash-sale/order/{order_no}/cancel")
     }
 
     /// The buy path's body, the seed's: `{"userId":"42","activityId":"1","quantity":1}`, ids as
@@ -45,6 +58,18 @@ pub mod order {
         pub user_id: Option<Value>,
         pub activity_id: Option<Value>,
         pub quantity: Option<Value>,
+    }
+
+    /// The body of a payment confirmation, as the provider sends it. Every field is required;
+    /// the amount is in the currency's smallest unit.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct PaymentCallback {
+        /// The provider's id of the payment: the idempotency key of the callback.
+        pub payment_id: String,
+        pub order_no: String,
+        pub amount_cents: i64,
+        pub quantity: u32,
     }
 }
 
@@ -140,6 +165,9 @@ mod tests {
     fn the_public_contract_is_what_clients_were_told() {
         assert_eq!(order::CREATE, "/api/flash-sale/order/create");
         assert_eq!(order::one("1-ab"), "/api/flash-sale/order/1-ab");
+        assert_eq!(order::cancel("1-ab"), "/api/flash-sale/order/1-ab/cancel");
+        assert_eq!(order::MINE, "/api/flash-sale/orders");
+        assert_eq!(order::PAYMENT_CALLBACK, "/api/flash-sale/payment/callback");
         assert_eq!(inventory::ACTIVITIES, "/api/inventory/activities");
         assert_eq!(inventory::WARMUP_ALL, "/api/inventory/warmup");
         assert_eq!(inventory::RECONCILE, "/api/inventory/reconcile");
@@ -150,10 +178,17 @@ mod tests {
     #[test]
     fn the_path_builders_match_their_routes() {
         assert_eq!(order::one("{order_no}"), order::ONE);
+        assert_eq!(order::cancel("{order_no}"), order::CANCEL);
         assert_eq!(inventory::activity("{id}", ""), inventory::ACTIVITY);
         assert_eq!(inventory::activity("{id}", "warmup"), inventory::WARMUP_ONE);
         assert_eq!(inventory::activity("{id}", "restock"), inventory::RESTOCK);
-        for route in [order::CREATE, order::ONE] {
+        for route in [
+            order::CREATE,
+            order::ONE,
+            order::CANCEL,
+            order::MINE,
+            order::PAYMENT_CALLBACK,
+        ] {
             assert!(route.starts_with(order::PREFIX), "{route}");
         }
         for route in [

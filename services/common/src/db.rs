@@ -6,7 +6,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{Executor, MySql, Transaction};
 
 use crate::configuration::DatabaseSettings;
-use crate::domain::ActivityId;
+use crate::domain::{ActivityId, OrderNo, Quantity, UserId};
 
 /// The schema, embedded at build time from `migrations/` at the repository root.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -33,22 +33,120 @@ pub fn is_duplicate_key(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("23000"))
 }
 
-/// The users holding an order in an activity (to rebuild its Redis buyers' set from MySQL).
-pub async fn buyers(db: &MySqlPool, id: ActivityId) -> Result<Vec<i64>, sqlx::Error> {
-    let rows: Vec<(i64,)> = sqlx::query_as("SELECT user_id FROM orders WHERE activity_id = ?")
-        .bind(id.get())
-        .fetch_all(db)
-        .await?;
-    Ok(rows.into_iter().map(|(u,)| u).collect())
+/// What MySQL, the book of record, says Redis should hold for an activity: read in one
+/// transaction (one InnoDB snapshot), so a return committed while it is read is either in the
+/// stock and among `unapplied`, or in neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Book {
+    /// Available stock.
+    pub stock: i64,
+    /// Users holding a live (`CREATED` or `PAID`) order.
+    pub buyers: Vec<i64>,
+    /// Orders whose stock MySQL took back and Redis has not been told of.
+    pub unapplied: Vec<String>,
 }
 
-/// An activity's available stock in MySQL, the book of record (`None`: no such activity).
-pub async fn stock(db: &MySqlPool, id: ActivityId) -> Result<Option<i64>, sqlx::Error> {
-    let row: Option<(i64,)> = sqlx::query_as("SELECT stock FROM inventory WHERE activity_id = ?")
+impl Book {
+    /// The tail of `warmup.lua`'s and `rebuild.lua`'s arguments: the count of buyers, the
+    /// buyers, the unapplied returns.
+    pub fn push_args(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.buyers.len());
+        for user in &self.buyers {
+            inv.arg(*user);
+        }
+        for no in &self.unapplied {
+            inv.arg(no.as_str());
+        }
+    }
+}
+
+/// Reads an activity's [`Book`] (`None`: no such activity).
+pub async fn book(db: &MySqlPool, id: ActivityId) -> Result<Option<Book>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let stock: Option<(i64,)> = sqlx::query_as("SELECT stock FROM inventory WHERE activity_id = ?")
         .bind(id.get())
-        .fetch_optional(db)
+        .fetch_optional(&mut *tx)
         .await?;
-    Ok(row.map(|(s,)| s))
+    let Some((stock,)) = stock else {
+        return Ok(None);
+    };
+    let buyers: Vec<(i64,)> =
+        sqlx::query_as("SELECT user_id FROM orders WHERE activity_id = ? AND status IN (0, 1)")
+            .bind(id.get())
+            .fetch_all(&mut *tx)
+            .await?;
+    let unapplied: Vec<(String,)> = sqlx::query_as(
+        "SELECT order_no FROM stock_returns WHERE activity_id = ? AND applied_at IS NULL",
+    )
+    .bind(id.get())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Book {
+        stock,
+        buyers: buyers.into_iter().map(|(u,)| u).collect(),
+        unapplied: unapplied.into_iter().map(|(n,)| n).collect(),
+    }))
+}
+
+/// A closed order's stock on its way back to Redis: a row of `stock_returns` not yet applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockReturn {
+    pub order_no: OrderNo,
+    pub user: UserId,
+    pub quantity: Quantity,
+}
+
+/// Returns MySQL has made and Redis may not have applied yet, oldest first, grouped by activity.
+pub async fn unapplied_returns(
+    db: &MySqlPool,
+    limit: usize,
+) -> Result<Vec<(ActivityId, Vec<StockReturn>)>, sqlx::Error> {
+    let rows: Vec<(String, i64, i32)> = sqlx::query_as(
+        "SELECT order_no, user_id, quantity FROM stock_returns WHERE applied_at IS NULL \
+         ORDER BY created_at LIMIT ?",
+    )
+    .bind(limit as u64)
+    .fetch_all(db)
+    .await?;
+    let mut by_activity: std::collections::BTreeMap<ActivityId, Vec<StockReturn>> =
+        Default::default();
+    for (no, user, quantity) in rows {
+        let parsed = OrderNo::parse(&no)
+            .ok()
+            .zip(UserId::new(user))
+            .zip(u32::try_from(quantity).ok().and_then(Quantity::new));
+        let Some(((order_no, user), quantity)) = parsed else {
+            tracing::error!(order_no = no, "malformed stock_returns row skipped");
+            continue;
+        };
+        by_activity
+            .entry(order_no.activity())
+            .or_default()
+            .push(StockReturn {
+                order_no,
+                user,
+                quantity,
+            });
+    }
+    Ok(by_activity.into_iter().collect())
+}
+
+/// Records that Redis has these returns.
+pub async fn mark_applied(db: &MySqlPool, returns: &[StockReturn]) -> Result<(), sqlx::Error> {
+    if returns.is_empty() {
+        return Ok(());
+    }
+    let mut q = sqlx::QueryBuilder::new(
+        "UPDATE stock_returns SET applied_at = UTC_TIMESTAMP(3) WHERE applied_at IS NULL AND order_no IN (",
+    );
+    let mut sep = q.separated(", ");
+    for r in returns {
+        sep.push_bind(r.order_no.as_str());
+    }
+    q.push(")");
+    q.build().execute(db).await?;
+    Ok(())
 }
 
 /// Which of these order numbers are in MySQL.

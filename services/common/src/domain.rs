@@ -154,6 +154,63 @@ impl fmt::Display for OrderNo {
     }
 }
 
+/// Where an order stands (docs/orders.md has the state machine). `Pending` orders are in the
+/// queue and Redis only; the others are rows of `orders`, by the `status` code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    Pending,
+    /// In MySQL, awaiting payment until its deadline.
+    Created,
+    Paid,
+    /// Cancelled by the buyer; its stock went back on sale.
+    Cancelled,
+    /// Not paid by its deadline; its stock went back on sale.
+    Expired,
+}
+
+impl OrderStatus {
+    /// The states stored in MySQL, in code order.
+    pub const STORED: [Self; 4] = [Self::Created, Self::Paid, Self::Cancelled, Self::Expired];
+
+    /// The `orders.status` code (`None` for `Pending`, which is not stored).
+    pub const fn code(self) -> Option<i8> {
+        match self {
+            Self::Pending => None,
+            Self::Created => Some(0),
+            Self::Paid => Some(1),
+            Self::Cancelled => Some(2),
+            Self::Expired => Some(3),
+        }
+    }
+
+    pub fn from_code(code: i8) -> Option<Self> {
+        Self::STORED.into_iter().find(|s| s.code() == Some(code))
+    }
+
+    /// The name in the API and in metric labels' upper-case form.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Created => "CREATED",
+            Self::Paid => "PAID",
+            Self::Cancelled => "CANCELLED",
+            Self::Expired => "EXPIRED",
+        }
+    }
+
+    /// Whether the order holds stock (no oversell and conservation count these).
+    pub const fn is_live(self) -> bool {
+        matches!(self, Self::Pending | Self::Created | Self::Paid)
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The event the buy path publishes and the consumer turns into a MySQL order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -208,6 +265,23 @@ mod tests {
         ] {
             assert!(Quantity::parse(Some(&bad), 5).is_err(), "{bad}");
         }
+    }
+
+    /// The codes are the migration's (`20261201000003_order_lifecycle.sql`): stored rows keep
+    /// their meaning only if these never change.
+    #[test]
+    fn order_status_codes_are_the_schemas() {
+        let codes: Vec<_> = OrderStatus::STORED.iter().map(|s| s.code()).collect();
+        assert_eq!(codes, [Some(0), Some(1), Some(2), Some(3)]);
+        for status in OrderStatus::STORED {
+            assert_eq!(OrderStatus::from_code(status.code().unwrap()), Some(status));
+        }
+        assert_eq!(OrderStatus::from_code(4), None);
+        assert_eq!(OrderStatus::Pending.code(), None);
+        assert_eq!(
+            serde_json::to_value(OrderStatus::Cancelled).unwrap(),
+            json!("CANCELLED")
+        );
     }
 
     #[test]

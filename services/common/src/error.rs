@@ -62,6 +62,12 @@ error_codes! {
     SoldOut => (CONFLICT, "SOLD_OUT", "Not enough stock left for this quantity."),
     AlreadyPurchased => (CONFLICT, "ALREADY_PURCHASED", "This user already holds an order in this activity."),
     ActivityExists => (CONFLICT, "ACTIVITY_EXISTS", "An activity with this id already exists."),
+    OrderPending => (CONFLICT, "ORDER_PENDING", "The order is still on its way to the database; retry in a moment."),
+    OrderExpired => (CONFLICT, "ORDER_EXPIRED", "The order was cancelled or expired and its stock given back; a payment for it must be refunded."),
+    OrderPaid => (CONFLICT, "ORDER_ALREADY_PAID", "The order is paid: it cannot be cancelled, and another payment for it must be refunded."),
+    BadSignature => (UNAUTHORIZED, "BAD_SIGNATURE", "The callback's signature does not match its timestamp and body."),
+    StaleCallback => (UNAUTHORIZED, "STALE_CALLBACK", "The callback's timestamp is outside the replay window."),
+    PaymentMismatch => (UNPROCESSABLE_ENTITY, "PAYMENT_MISMATCH", "The payment's amount or quantity is not the order's, or its id belongs to another order."),
     PayloadTooLarge => (PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "The body is larger than allowed."),
     UnsupportedMediaType => (UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "The body must be sent as application/json."),
     RateLimited => (TOO_MANY_REQUESTS, "RATE_LIMITED", "Too many requests; retry after the given delay."),
@@ -219,6 +225,18 @@ where
         serde_json::from_value(serde_json::Value::Object(object))
             .map(JsonObject)
             .map_err(|e| ApiError::invalid(format!("the body does not fit: {e}")))
+    }
+}
+
+/// A body read as raw bytes (to check a signature over them, or because it is optional) and
+/// parsed with [`crate::json::parse_object`] answers like [`JsonObject`] does.
+impl From<crate::json::ObjectError> for ApiError {
+    fn from(error: crate::json::ObjectError) -> Self {
+        if error.is_malformed() {
+            Self::new(ErrorCode::MalformedJson, error.to_string())
+        } else {
+            Self::invalid(error.to_string())
+        }
     }
 }
 

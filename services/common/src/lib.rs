@@ -8,6 +8,7 @@
 //! - [`domain`]: parsed ids, quantities and order numbers; handlers never see raw input.
 //! - [`json`]: the one parser of JSON object bodies (no key twice).
 //! - [`http`]: the layers every app router gets (request id, tracing, metrics, limits).
+//! - [`payment`]: how a payment provider signs its callbacks, and how they are checked.
 //! - [`management`]: `/health/live`, `/health/ready` and `/metrics` on the management port.
 //! - [`redis`]: the per-activity key layout and the Lua scripts of the buy path.
 //! - [`db`]: the MySQL pool and the embedded migrations.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod http;
 pub mod json;
 pub mod management;
+pub mod payment;
 pub mod redis;
 pub mod shutdown;
 pub mod supervisor;

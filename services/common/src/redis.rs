@@ -15,6 +15,7 @@ use redis::{
 use tokio::sync::Semaphore;
 
 use crate::configuration::RedisSettings;
+use crate::db::{Book, StockReturn};
 use crate::domain::{ActivityId, OrderNo, Quantity, UserId};
 
 /// The keys of one activity.
@@ -33,6 +34,9 @@ pub struct ActivityKeys {
     pub resv_ts: String,
     /// Sorted set: tombstones of released reservations, so a late order message is skipped.
     pub released: String,
+    /// Sorted set: orders (cancelled or expired) whose stock came back to `stock`, by when: a
+    /// return is applied once per order number (`restore.lua`).
+    pub returned: String,
 }
 
 impl ActivityKeys {
@@ -45,6 +49,7 @@ impl ActivityKeys {
             resv: format!("{tag}:resv"),
             resv_ts: format!("{tag}:resv:ts"),
             released: format!("{tag}:released"),
+            returned: format!("{tag}:returned"),
         }
     }
 }
@@ -110,6 +115,7 @@ pub struct Scripts {
     pub snapshot: Script,
     pub rebuild: Script,
     pub verified: Script,
+    pub restore: Script,
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -122,6 +128,7 @@ pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     snapshot: Script::new(include_str!("../lua/snapshot.lua")),
     rebuild: Script::new(include_str!("../lua/rebuild.lua")),
     verified: Script::new(include_str!("../lua/verified.lua")),
+    restore: Script::new(include_str!("../lua/restore.lua")),
 });
 
 /// What the reserve script decided.
@@ -157,6 +164,17 @@ impl ReserveOutcome {
             other => return Err(RedisFailure::Protocol(format!("reserve returned {other}"))),
         })
     }
+}
+
+/// What `restore` did with a batch of returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    /// `applied` came back now; `already` had come back before (a retry).
+    Done { applied: usize, already: usize },
+    /// The activity is not in Redis: a warm-up loads MySQL's stock, which has the returns.
+    NotWarmed,
+    /// The counters wait for a rebuild from MySQL, which will count the returns.
+    Unverified,
 }
 
 /// An activity's Redis counters, read atomically.
@@ -408,8 +426,7 @@ impl Redis {
     pub async fn rebuild(
         &self,
         activity: ActivityId,
-        stock: i64,
-        buyers: &[i64],
+        book: &Book,
     ) -> Result<Option<(bool, i64)>, RedisFailure> {
         let k = ActivityKeys::new(activity);
         let mut inv = SCRIPTS.rebuild.prepare_invoke();
@@ -417,10 +434,9 @@ impl Redis {
             .key(&k.stock)
             .key(&k.users)
             .key(&k.resv)
-            .arg(stock);
-        for user in buyers {
-            inv.arg(*user);
-        }
+            .key(&k.returned)
+            .arg(book.stock);
+        book.push_args(&mut inv);
         let (code, stock): (i64, i64) = self.run("rebuild", &inv).await?;
         Ok(match code {
             1 => Some((true, stock)),
@@ -463,6 +479,59 @@ impl Redis {
     }
 
     /// `PING`, for readiness and start-up checks.
+    /// Puts the stock of closed orders of one activity back on sale (`restore.lua`); applying a
+    /// return twice changes nothing.
+    pub async fn restore(
+        &self,
+        activity: ActivityId,
+        returns: &[StockReturn],
+    ) -> Result<RestoreOutcome, RedisFailure> {
+        let k = ActivityKeys::new(activity);
+        let mut inv = SCRIPTS.restore.prepare_invoke();
+        inv.key(&k.meta)
+            .key(&k.stock)
+            .key(&k.users)
+            .key(&k.returned);
+        for r in returns {
+            inv.arg(r.order_no.as_str())
+                .arg(r.user.get())
+                .arg(r.quantity.get());
+        }
+        let codes: Vec<i64> = self.run("restore", &inv).await?;
+        Ok(match codes.as_slice() {
+            [-4] => RestoreOutcome::NotWarmed,
+            [-5] => RestoreOutcome::Unverified,
+            codes if codes.len() == returns.len() && codes.iter().all(|c| *c == 0 || *c == 1) => {
+                let applied = codes.iter().filter(|c| **c == 1).count();
+                RestoreOutcome::Done {
+                    applied,
+                    already: codes.len() - applied,
+                }
+            }
+            other => {
+                return Err(RedisFailure::Protocol(format!(
+                    "restore returned {other:?}"
+                )));
+            }
+        })
+    }
+
+    /// Which of these orders' returns Redis has applied (`returned` holds them).
+    pub async fn returned(
+        &self,
+        activity: ActivityId,
+        order_nos: &[&str],
+    ) -> Result<Vec<bool>, RedisFailure> {
+        if order_nos.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = ActivityKeys::new(activity);
+        let scores: Vec<Option<f64>> = self
+            .query(redis::cmd("ZMSCORE").arg(&k.returned).arg(order_nos))
+            .await?;
+        Ok(scores.iter().map(Option::is_some).collect())
+    }
+
     pub async fn ping(&self) -> Result<(), RedisFailure> {
         let _: String = self.query(&redis::cmd("PING")).await?;
         Ok(())
@@ -483,6 +552,7 @@ mod tests {
             &k.resv,
             &k.resv_ts,
             &k.released,
+            &k.returned,
         ] {
             assert!(key.contains("{act:42}"), "{key}");
             assert_eq!(key.matches('{').count(), 1, "{key}");

@@ -5,7 +5,7 @@ use flash_sale_common::db::is_duplicate_key;
 use flash_sale_common::domain::ActivityId;
 use sqlx::MySqlPool;
 
-pub use flash_sale_common::db::{buyers, current, existing_orders};
+pub use flash_sale_common::db::{book, current, existing_orders};
 
 /// One row of `inventory`, with what `orders` says about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,7 +18,11 @@ pub struct Activity {
     pub total_stock: Option<i64>,
     pub start_time: Option<DateTime<Utc>>,
     pub end_time: Option<DateTime<Utc>>,
-    /// Sum of ordered quantities in `orders`.
+    /// Price of one item, in the currency's smallest unit.
+    pub price_cents: i64,
+    /// How long a buyer has to pay once the order is in MySQL.
+    pub pay_timeout_secs: i64,
+    /// Sum of quantities of live (`CREATED` or `PAID`) orders in `orders`.
     pub ordered: i64,
 }
 
@@ -30,6 +34,8 @@ pub struct NewActivity {
     pub stock: i64,
     pub start_time: Option<DateTime<Utc>>,
     pub end_time: Option<DateTime<Utc>>,
+    pub price_cents: i64,
+    pub pay_timeout_secs: i64,
 }
 
 type Row = (
@@ -40,11 +46,20 @@ type Row = (
     Option<NaiveDateTime>,
     Option<NaiveDateTime>,
     i64,
+    i32,
+    i64,
 );
 
-const SELECT: &str = "SELECT i.activity_id, i.name, i.stock, i.total_stock, i.start_time, i.end_time, \
-     CAST(COALESCE((SELECT SUM(o.quantity) FROM orders o WHERE o.activity_id = i.activity_id), 0) AS SIGNED) \
-     FROM inventory i";
+/// Live orders hold stock; cancelled and expired ones gave theirs back.
+const LIVE_ORDERED: &str = "COALESCE((SELECT SUM(o.quantity) FROM orders o \
+     WHERE o.activity_id = i.activity_id AND o.status IN (0, 1)), 0)";
+
+fn select() -> String {
+    format!(
+        "SELECT i.activity_id, i.name, i.stock, i.total_stock, i.start_time, i.end_time, \
+         i.price_cents, i.pay_timeout_secs, CAST({LIVE_ORDERED} AS SIGNED) FROM inventory i"
+    )
+}
 
 fn from_row(r: Row) -> Option<Activity> {
     Some(Activity {
@@ -54,12 +69,14 @@ fn from_row(r: Row) -> Option<Activity> {
         total_stock: r.3.map(i64::from),
         start_time: r.4.map(|t| t.and_utc()),
         end_time: r.5.map(|t| t.and_utc()),
-        ordered: r.6,
+        price_cents: r.6,
+        pay_timeout_secs: i64::from(r.7),
+        ordered: r.8,
     })
 }
 
 pub async fn find(db: &MySqlPool, id: ActivityId) -> Result<Option<Activity>, sqlx::Error> {
-    let row: Option<Row> = sqlx::query_as(&format!("{SELECT} WHERE i.activity_id = ?"))
+    let row: Option<Row> = sqlx::query_as(&format!("{} WHERE i.activity_id = ?", select()))
         .bind(id.get())
         .fetch_optional(db)
         .await?;
@@ -68,7 +85,7 @@ pub async fn find(db: &MySqlPool, id: ActivityId) -> Result<Option<Activity>, sq
 
 /// Every activity, newest id first.
 pub async fn list(db: &MySqlPool) -> Result<Vec<Activity>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(&format!("{SELECT} ORDER BY i.activity_id DESC"))
+    let rows: Vec<Row> = sqlx::query_as(&format!("{} ORDER BY i.activity_id DESC", select()))
         .fetch_all(db)
         .await?;
     Ok(rows.into_iter().filter_map(from_row).collect())
@@ -77,8 +94,9 @@ pub async fn list(db: &MySqlPool) -> Result<Vec<Activity>, sqlx::Error> {
 /// Inserts a new activity. `Ok(false)` if the id is taken.
 pub async fn create(db: &MySqlPool, new: &NewActivity) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
-        "INSERT INTO inventory (activity_id, name, stock, total_stock, start_time, end_time) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO inventory \
+         (activity_id, name, stock, total_stock, start_time, end_time, price_cents, pay_timeout_secs) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(new.id.get())
     .bind(new.name.as_deref())
@@ -86,6 +104,8 @@ pub async fn create(db: &MySqlPool, new: &NewActivity) -> Result<bool, sqlx::Err
     .bind(new.stock)
     .bind(new.start_time.map(|t| t.naive_utc()))
     .bind(new.end_time.map(|t| t.naive_utc()))
+    .bind(new.price_cents)
+    .bind(new.pay_timeout_secs)
     .execute(db)
     .await;
     match result {
@@ -110,13 +130,12 @@ pub async fn restock(db: &MySqlPool, id: ActivityId, quantity: i64) -> Result<bo
 }
 
 /// Fills `total_stock` of a row inserted by hand (the seed's `INSERT INTO inventory (activity_id,
-/// stock)`): everything ever on sale is what is left plus what was ordered.
+/// stock)`): everything ever on sale is what is left plus what live orders hold.
 pub async fn fill_total(db: &MySqlPool, id: ActivityId) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE inventory i SET i.total_stock = i.stock + \
-         COALESCE((SELECT SUM(o.quantity) FROM orders o WHERE o.activity_id = i.activity_id), 0) \
-         WHERE i.activity_id = ? AND i.total_stock IS NULL",
-    )
+    sqlx::query(&format!(
+        "UPDATE inventory i SET i.total_stock = i.stock + {LIVE_ORDERED} \
+         WHERE i.activity_id = ? AND i.total_stock IS NULL"
+    ))
     .bind(id.get())
     .execute(db)
     .await?;

@@ -5,9 +5,9 @@
 //! 1. reservations older than `reservation_deadline_secs`: those already in MySQL are settled;
 //!    those still `R` (the broker never acknowledged them, so nobody was told yes) are released;
 //!    `A`/`C` ones wait for the consumer and are counted as stuck;
-//! 2. tombstones older than `tombstone_ttl_secs` are dropped;
-//! 3. drift = MySQL stock - (Redis stock + quantity of pending reservations). Zero when the two
-//!    agree. The same non-zero drift seen `drift_repair_after` passes in a row is repaired by
+//! 2. tombstones and return markers older than `tombstone_ttl_secs` are dropped;
+//! 3. drift = MySQL stock - (Redis stock + quantity of pending reservations + quantity of
+//!    returns MySQL made that Redis has not applied yet). Zero when the two agree. The same non-zero drift seen `drift_repair_after` passes in a row is repaired by
 //!    moving Redis' stock by the drift (MySQL is the book of record).
 
 use std::collections::{HashMap, HashSet};
@@ -34,6 +34,8 @@ pub struct ActivityReport {
     pub redis_stock: i64,
     pub mysql_stock: i64,
     pub pending_quantity: i64,
+    /// Stock MySQL took back from closed orders that Redis has not applied yet.
+    pub returning_quantity: i64,
     pub drift: i64,
     pub repaired: bool,
     /// Age in milliseconds of the oldest order the broker acknowledged (so the buyer may have been
@@ -168,14 +170,16 @@ pub async fn reconcile(
 
     // 2. old tombstones
     let tombstone_cutoff = snapshot.now_ms - (settings.tombstone_ttl_secs as i64) * 1000;
-    let _: i64 = redis
-        .query(
-            redis::cmd("ZREMRANGEBYSCORE")
-                .arg(&keys.released)
-                .arg("-inf")
-                .arg(tombstone_cutoff),
-        )
-        .await?;
+    for markers in [&keys.released, &keys.returned] {
+        let _: i64 = redis
+            .query(
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(markers)
+                    .arg("-inf")
+                    .arg(tombstone_cutoff),
+            )
+            .await?;
+    }
 
     // 3. drift, measured after step 1 changed things
     let snapshot = redis.snapshot(id).await?;
@@ -185,7 +189,9 @@ pub async fn reconcile(
     report.redis_stock = snapshot.stock;
     report.mysql_stock = activity.stock;
     report.pending_quantity = snapshot.pending_quantity;
-    report.drift = activity.stock - snapshot.stock - snapshot.pending_quantity;
+    report.returning_quantity = returning_quantity(db, redis, id).await?;
+    report.drift =
+        activity.stock - snapshot.stock - snapshot.pending_quantity - report.returning_quantity;
     let activity_label = id.to_string();
     metrics::gauge!("flash_sale_stock_available", "activity" => activity_label.clone())
         .set(snapshot.stock as f64);
@@ -208,6 +214,30 @@ pub async fn reconcile(
         report.repaired = true;
     }
     Ok(report)
+}
+
+/// The quantity of returns on their way to Redis: in `stock_returns` without `applied_at`, and not
+/// yet among Redis' `returned` markers (a return Redis applied but MySQL has not recorded as
+/// applied is already in Redis' stock).
+async fn returning_quantity(
+    db: &MySqlPool,
+    redis: &Redis,
+    id: ActivityId,
+) -> Result<i64, ReconcileError> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT order_no, quantity FROM stock_returns WHERE activity_id = ? AND applied_at IS NULL",
+    )
+    .bind(id.get())
+    .fetch_all(db)
+    .await?;
+    let nos: Vec<&str> = rows.iter().map(|(no, _)| no.as_str()).collect();
+    let applied = redis.returned(id, &nos).await?;
+    Ok(rows
+        .iter()
+        .zip(applied)
+        .filter(|(_, applied)| !applied)
+        .map(|((_, q), _)| i64::from(*q))
+        .sum())
 }
 
 /// The age of the oldest acknowledged or claimed reservation (an order someone may have been told

@@ -1,6 +1,7 @@
 //! The warm-up: MySQL -> Redis. It loads an activity that Redis does not hold and, for one it
 //! holds, only refreshes the sale window: counters of a sale in progress are never overwritten.
 
+use flash_sale_common::db::Book;
 use flash_sale_common::domain::ActivityId;
 use flash_sale_common::redis::{ActivityKeys, Redis, RedisFailure, SCRIPTS};
 use sqlx::MySqlPool;
@@ -52,24 +53,29 @@ pub async fn warm_up(
         .total_stock
         .unwrap_or(activity.stock + activity.ordered);
 
-    // Buyers are only needed to rebuild an activity Redis lost; skip the query when it is there.
+    // The book (stock, buyers, returns in flight, in one snapshot) is only needed to load an
+    // activity Redis does not hold; skip it when Redis has it (the script keeps its counters).
     let present: bool = redis.query(redis::cmd("EXISTS").arg(&keys.meta)).await?;
-    let buyers = if present {
-        Vec::new()
+    let book = if present {
+        Book {
+            stock: activity.stock,
+            ..Book::default()
+        }
     } else {
-        activities::buyers(db, id).await?
+        activities::book(db, id)
+            .await?
+            .ok_or(WarmupError::NotFound(id))?
     };
     let mut inv = SCRIPTS.warmup.prepare_invoke();
     inv.key(&keys.meta)
         .key(&keys.stock)
         .key(&keys.users)
+        .key(&keys.returned)
         .arg(start_ms)
         .arg(end_ms)
-        .arg(activity.stock)
+        .arg(book.stock)
         .arg(total);
-    for user in &buyers {
-        inv.arg(*user);
-    }
+    book.push_args(&mut inv);
     let loaded: i64 = redis.run("warmup", &inv).await?;
     let outcome = if loaded == 1 {
         WarmupOutcome::Loaded

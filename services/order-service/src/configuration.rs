@@ -1,5 +1,6 @@
 //! order-service settings.
 
+use flash_sale_common::configuration::Secret;
 use flash_sale_common::configuration::{
     DatabaseSettings, KafkaSettings, ListenerSettings, RedisSettings, TelemetrySettings,
 };
@@ -16,6 +17,8 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub order: OrderSettings,
     pub consumer: ConsumerSettings,
+    pub lifecycle: LifecycleSettings,
+    pub payment: PaymentSettings,
     pub telemetry: TelemetrySettings,
 }
 
@@ -29,6 +32,8 @@ impl Default for Settings {
             kafka: KafkaSettings::default(),
             order: OrderSettings::default(),
             consumer: ConsumerSettings::default(),
+            lifecycle: LifecycleSettings::default(),
+            payment: PaymentSettings::default(),
             telemetry: TelemetrySettings::default(),
         }
     }
@@ -86,6 +91,45 @@ impl Default for ConsumerSettings {
             retry_backoff_ms: 500,
             topic_partitions: 6,
             topic_replication: 1,
+        }
+    }
+}
+
+/// After `CREATED`: the sweeper that expires unpaid orders and returns their stock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LifecycleSettings {
+    /// Run the sweeper in this pod (several pods share the work).
+    pub enabled: bool,
+    /// Pause between passes. An unpaid order expires at most this long after its deadline.
+    pub sweep_interval_ms: u64,
+    /// Most orders expired in one transaction.
+    pub sweep_batch: u32,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sweep_interval_ms: 1000,
+            sweep_batch: 200,
+        }
+    }
+}
+
+/// The payment provider's callback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PaymentSettings {
+    /// The HMAC-SHA256 key shared with the provider. Empty: every callback is refused.
+    pub callback_secret: Secret,
+    /// How far a callback's timestamp may be from now, either way.
+    pub replay_window_secs: i64,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        Self {
+            callback_secret: Secret::default(),
+            replay_window_secs: 300,
         }
     }
 }

@@ -4,7 +4,10 @@
 //! 1. **claim** in Redis (`R|A -> C`): a reservation the reconciler released has a tombstone, and
 //!    its late message is skipped; a claimed one can no longer be released;
 //! 2. **write** in one MySQL transaction: skip order numbers already there (redelivery), refuse a
-//!    second order of a user, decrement `inventory.stock` guarded by `stock >= qty`, insert;
+//!    second live order of a user, decrement `inventory.stock` guarded by `stock >= qty`, insert
+//!    `CREATED` with the amount and the payment deadline (now, by MySQL's clock, + the activity's
+//!    `pay_timeout_secs`: a buyer cannot pay before the order is here, so a queue that lags
+//!    does not eat into their time);
 //! 3. **settle** in Redis: forget the reservations now in MySQL;
 //! 4. **commit** the offsets.
 //!
@@ -306,13 +309,15 @@ async fn write_orders(db: &MySqlPool, events: &[&OrderEvent]) -> anyhow::Result<
     }
     let mut tx = db.begin().await?;
 
-    let mut q =
-        QueryBuilder::new("SELECT order_no, activity_id, user_id FROM orders WHERE order_no IN (");
+    let mut q = QueryBuilder::new(
+        "SELECT order_no, activity_id, live_user_id FROM orders WHERE order_no IN (",
+    );
     let mut sep = q.separated(", ");
     for e in events {
         sep.push_bind(e.order_no.as_str());
     }
-    q.push(") OR (activity_id, user_id) IN (");
+    // A user's earlier order that was cancelled or expired does not count: live_user_id is NULL.
+    q.push(") OR (activity_id, live_user_id) IN (");
     let mut sep = q.separated(", ");
     for e in events {
         sep.push("(")
@@ -322,9 +327,12 @@ async fn write_orders(db: &MySqlPool, events: &[&OrderEvent]) -> anyhow::Result<
             .push_unseparated(")");
     }
     q.push(")");
-    let existing: Vec<(String, i64, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+    let existing: Vec<(String, i64, Option<i64>)> = q.build_query_as().fetch_all(&mut *tx).await?;
     let existing_nos: HashSet<&str> = existing.iter().map(|(no, _, _)| no.as_str()).collect();
-    let existing_users: HashSet<(i64, i64)> = existing.iter().map(|(_, a, u)| (*a, *u)).collect();
+    let existing_users: HashSet<(i64, i64)> = existing
+        .iter()
+        .filter_map(|(_, a, u)| u.map(|u| (*a, u)))
+        .collect();
 
     let mut fresh: BTreeMap<ActivityId, Vec<&OrderEvent>> = BTreeMap::new();
     for e in events {
@@ -339,6 +347,13 @@ async fn write_orders(db: &MySqlPool, events: &[&OrderEvent]) -> anyhow::Result<
     }
 
     for (activity, orders) in fresh {
+        let Some(terms) = terms(&mut tx, activity).await? else {
+            for e in orders {
+                tracing::error!(order_no = %e.order_no, %activity, "order for an activity MySQL does not have");
+                written.rejected_no_stock.push(e.order_no.clone());
+            }
+            continue;
+        };
         let total: i64 = orders.iter().map(|e| i64::from(e.quantity.get())).sum();
         let taken = take_stock(&mut tx, activity, total).await?;
         let accepted: Vec<&OrderEvent> = if taken {
@@ -361,18 +376,21 @@ async fn write_orders(db: &MySqlPool, events: &[&OrderEvent]) -> anyhow::Result<
             continue;
         }
         let mut insert = QueryBuilder::new(
-            "INSERT INTO orders (order_no, user_id, activity_id, quantity, status, reserved_at) ",
+            "INSERT INTO orders (order_no, user_id, activity_id, quantity, amount_cents, status, \
+             reserved_at, pay_deadline) ",
         );
         insert.push_values(&accepted, |mut row, e| {
+            let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|t| t.naive_utc());
             row.push_bind(e.order_no.as_str())
                 .push_bind(e.user_id.get())
                 .push_bind(e.activity_id.get())
                 .push_bind(e.quantity.get())
+                .push_bind(terms.price_cents * i64::from(e.quantity.get()))
                 .push_bind(0_i8)
-                .push_bind(
-                    chrono::DateTime::from_timestamp_millis(e.reserved_at_ms)
-                        .map(|t| t.naive_utc()),
-                );
+                .push_bind(at(e.reserved_at_ms))
+                .push("UTC_TIMESTAMP(3) + INTERVAL ")
+                .push_unseparated(terms.pay_timeout_secs)
+                .push_unseparated(" SECOND");
         });
         insert.build().execute(&mut *tx).await?;
         written
@@ -381,6 +399,27 @@ async fn write_orders(db: &MySqlPool, events: &[&OrderEvent]) -> anyhow::Result<
     }
     tx.commit().await?;
     Ok(written)
+}
+
+/// What an activity's orders cost and how long their buyers have to pay.
+struct Terms {
+    price_cents: i64,
+    pay_timeout_secs: i64,
+}
+
+async fn terms(
+    tx: &mut flash_sale_common::db::Tx<'_>,
+    activity: ActivityId,
+) -> Result<Option<Terms>, sqlx::Error> {
+    let row: Option<(i64, i32)> =
+        sqlx::query_as("SELECT price_cents, pay_timeout_secs FROM inventory WHERE activity_id = ?")
+            .bind(activity.get())
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(row.map(|(price_cents, secs)| Terms {
+        price_cents,
+        pay_timeout_secs: i64::from(secs),
+    }))
 }
 
 async fn take_stock(

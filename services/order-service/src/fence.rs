@@ -163,14 +163,13 @@ impl RedisGuard {
             let refs: Vec<&OrderNo> = in_mysql.iter().collect();
             self.redis.settle(activity, &refs).await?;
         }
-        let Some(stock) = db::stock(&self.db, activity).await? else {
+        let Some(book) = db::book(&self.db, activity).await? else {
             return Ok(true);
         };
-        let buyers = db::buyers(&self.db, activity).await?;
-        if let Some((true, stock)) = self.redis.rebuild(activity, stock, &buyers).await? {
+        if let Some((true, stock)) = self.redis.rebuild(activity, &book).await? {
             metrics::counter!("flash_sale_redis_rebuilds_total", "activity" => activity.to_string())
                 .increment(1);
-            tracing::warn!(%activity, stock, buyers = buyers.len(), "rebuilt unverified Redis counters from MySQL");
+            tracing::warn!(%activity, stock, buyers = book.buyers.len(), returns = book.unapplied.len(), "rebuilt unverified Redis counters from MySQL");
         }
         Ok(true)
     }

@@ -8,20 +8,26 @@
 //!   -> 202 PENDING   (a failed publish undoes the reservation and answers 503)
 //! consumer: batches -> claim in Redis -> one MySQL transaction -> settle -> commit offsets
 //!                                                             consumer.rs
-//! GET /api/flash-sale/order/{orderNo}: PENDING while Redis holds the reservation, then CREATED
+//! GET /api/flash-sale/order/{orderNo}: PENDING while Redis holds the reservation, then the
+//!   MySQL state: CREATED (awaiting payment) -> PAID | CANCELLED | EXPIRED   lifecycle.rs
+//! POST .../order/{orderNo}/cancel, GET /api/flash-sale/orders          routes/
+//! POST /api/flash-sale/payment/callback (HMAC-signed by the provider)  routes/payment_callback.rs
+//! sweeper: expires unpaid orders, applies stock returns to Redis       sweeper.rs
 //! ```
 //!
 //! Layout: `configuration` (settings), `startup` (binding, tasks, drain), `routes` (handlers),
-//! `publisher`, `consumer`, `sold_out`, `state`.
+//! `publisher`, `consumer`, `lifecycle`, `sweeper`, `sold_out`, `state`.
 
 pub mod configuration;
 pub mod consumer;
 pub mod fence;
+pub mod lifecycle;
 pub mod publisher;
 pub mod routes;
 pub mod sold_out;
 pub mod startup;
 pub mod state;
+pub mod sweeper;
 
 pub use configuration::Settings;
 pub use startup::Application;

@@ -19,6 +19,7 @@ use crate::publisher::{self, Publisher};
 use crate::routes;
 use crate::sold_out::SoldOut;
 use crate::state::AppState;
+use crate::sweeper::Sweeper;
 
 /// How long shutdown waits for the producer to deliver what it holds.
 const PRODUCER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,6 +30,7 @@ pub struct Application {
     state: AppState,
     consumer: Option<OrderConsumer>,
     guard: RedisGuard,
+    sweeper: Option<Sweeper>,
     readiness: Readiness,
 }
 
@@ -71,9 +73,17 @@ impl Application {
             db.clone(),
         )
         .context("creating the Redis guard's Kafka client")?;
+        let sweeper = settings
+            .lifecycle
+            .enabled
+            .then(|| Sweeper::new(db.clone(), redis.clone(), settings.lifecycle.clone()));
+        if settings.payment.callback_secret.expose().is_empty() {
+            tracing::warn!("payment.callback_secret is empty: every payment callback is refused");
+        }
         let state = AppState {
             redis,
             db,
+            payment: Arc::new(settings.payment.clone()),
             unverified,
             publisher,
             sold_out: Arc::new(SoldOut::new(Duration::from_millis(
@@ -94,6 +104,7 @@ impl Application {
             state,
             consumer,
             guard,
+            sweeper,
             readiness,
         })
     }
@@ -117,6 +128,7 @@ impl Application {
             state,
             consumer,
             guard,
+            sweeper,
             readiness,
         } = self;
         let publisher = state.publisher.clone();
@@ -144,6 +156,12 @@ impl Application {
             guard.run(stop).await;
             Ok(())
         });
+        if let Some(sweeper) = sweeper {
+            supervisor.spawn(jobs, "sweeper", |stop| async move {
+                sweeper.run(stop).await;
+                Ok(())
+            });
+        }
         let last = supervisor.stop_step("stop management");
         supervisor.spawn(last, "management", |stop| {
             management::serve(management, mgmt, stop)

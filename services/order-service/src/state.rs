@@ -5,7 +5,7 @@ use std::sync::Arc;
 use flash_sale_common::redis::Redis;
 use sqlx::MySqlPool;
 
-use crate::configuration::OrderSettings;
+use crate::configuration::{OrderSettings, PaymentSettings};
 use crate::fence::Unverified;
 use crate::publisher::Publisher;
 use crate::sold_out::SoldOut;
@@ -19,4 +19,5 @@ pub struct AppState {
     /// Activities whose Redis counters must be rebuilt before they sell again (`fence`).
     pub unverified: Arc<Unverified>,
     pub settings: Arc<OrderSettings>,
+    pub payment: Arc<PaymentSettings>,
 }

@@ -13,11 +13,12 @@ use crate::tools;
 
 /// Secrets the manifests reference, with their keys, but never contain: deploy.sh (or an
 /// operator) creates them.
-pub const EXTERNAL_SECRETS: [(&str, &[&str]); 4] = [
+pub const EXTERNAL_SECRETS: [(&str, &[&str]); 5] = [
     ("mysql-secret", &["root-password", "app-password"]),
     ("flash-sale-db", &["url"]),
     ("inventory-admin", &["token"]),
     ("gateway-auth", &["hs256-secret"]),
+    ("payment-provider", &["callback-secret"]),
 ];
 
 /// The environments `kustomize/overlays/` renders.

@@ -32,9 +32,14 @@ pub fn order_settings(stack: &Stack) -> order_service::Settings {
     s.kafka.message_timeout_ms = 3000;
     s.consumer.batch_linger_ms = 10;
     s.consumer.retry_backoff_ms = 100;
+    s.lifecycle.sweep_interval_ms = 200;
+    s.payment.callback_secret = Secret::new(PAYMENT_SECRET);
     s.telemetry.log_format = LogFormat::Pretty;
     s
 }
+
+/// The key the payment simulator and the test order-service share.
+pub const PAYMENT_SECRET: &str = "test-payment-callback-secret";
 
 /// inventory-service settings pointing at `stack`, on free ports, with the schedules off (tests
 /// drive the jobs through the API).

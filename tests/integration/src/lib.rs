@@ -4,6 +4,8 @@
 //! - [`stack`]: private Redis, MariaDB and Kafka-protocol broker (nisshi) instances on free
 //!   127.0.0.1 ports under a temporary directory, torn down on drop.
 //! - [`apps`]: the services running in-process against a stack (`spawn_app`), on port 0.
+//! - [`payments`]: the payment simulator, a stand-in for the external provider that signs and
+//!   sends payment callbacks.
 //! - [`scenario`]: a sale driven through the public API, with the report and the invariant check
 //!   of docs/design.md; the same code runs in the tests, in `cargo xtask sale` and in the NixOS VM
 //!   test (`flash-sale-scenario`).
@@ -12,5 +14,6 @@
 //! integration tests that need its `/metrics` to itself or kill it like a pod.
 
 pub mod apps;
+pub mod payments;
 pub mod scenario;
 pub mod stack;

@@ -58,14 +58,29 @@ impl Admin {
         Ok(body)
     }
 
-    /// Creates an activity open now and for an hour, warmed up at once.
+    /// Creates an activity open now and for an hour, warmed up at once (free, 15 minutes to pay).
     pub async fn create_activity(&self, id: i64, stock: i64) -> anyhow::Result<Value> {
+        self.create_activity_with(id, stock, json!({})).await
+    }
+
+    /// Like [`Self::create_activity`], with more fields of the create request (`priceCents`,
+    /// `payTimeoutSecs`, ...).
+    pub async fn create_activity_with(
+        &self,
+        id: i64,
+        stock: i64,
+        extra: Value,
+    ) -> anyhow::Result<Value> {
         let now = chrono_now_rfc3339(0);
         let end = chrono_now_rfc3339(3600);
+        let mut body = json!({"activityId": id.to_string(), "name": format!("sale {id}"), "stock": stock, "startTime": now, "endTime": end});
+        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
         self.call(
             reqwest::Method::POST,
             api::inventory::ACTIVITIES,
-            Some(json!({"activityId": id.to_string(), "name": format!("sale {id}"), "stock": stock, "startTime": now, "endTime": end})),
+            Some(body),
         )
         .await
     }
@@ -366,6 +381,22 @@ impl Stores {
             .await
     }
 
+    /// The MySQL pool, for checks of their own.
+    pub fn db(&self) -> &MySqlPool {
+        &self.db
+    }
+
+    /// Orders of an activity in MySQL with this `orders.status` code.
+    pub async fn order_count_in_status(&self, activity: i64, status: i8) -> anyhow::Result<i64> {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM orders WHERE activity_id = ? AND status = ?")
+                .bind(activity)
+                .bind(status)
+                .fetch_one(&self.db)
+                .await?;
+        Ok(n)
+    }
+
     pub async fn order_count(&self, activity: i64) -> anyhow::Result<i64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders WHERE activity_id = ?")
             .bind(activity)
@@ -386,8 +417,19 @@ impl Stores {
         Ok(code != 0)
     }
 
-    /// Waits until every reservation is settled into MySQL (the queue has drained) and Redis'
-    /// counters are verified.
+    /// Returns of closed orders MySQL made that Redis has not applied yet.
+    pub async fn unapplied_returns(&self, activity: i64) -> anyhow::Result<i64> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM stock_returns WHERE activity_id = ? AND applied_at IS NULL",
+        )
+        .bind(activity)
+        .fetch_one(&self.db)
+        .await?;
+        Ok(n)
+    }
+
+    /// Waits until every reservation is settled into MySQL (the queue has drained), every stock
+    /// return is back in Redis, and Redis' counters are verified.
     pub async fn wait_for_drain(
         &self,
         activity: i64,
@@ -395,55 +437,107 @@ impl Stores {
     ) -> anyhow::Result<Duration> {
         let started = Instant::now();
         loop {
-            if self.pending(activity).await? == 0 && self.verified(activity).await? {
+            if self.pending(activity).await? == 0
+                && self.unapplied_returns(activity).await? == 0
+                && self.verified(activity).await?
+            {
                 return Ok(started.elapsed());
             }
             if started.elapsed() > timeout {
                 bail!(
-                    "the queue did not drain within {timeout:?}: {} reservations pending, {} orders in MySQL",
+                    "the queue did not drain within {timeout:?}: {} reservations pending, {} orders in MySQL, {} stock returns not in Redis",
                     self.pending(activity).await?,
-                    self.order_count(activity).await?
+                    self.order_count(activity).await?,
+                    self.unapplied_returns(activity).await?
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// Checks invariants 1 to 4 of docs/design.md for one activity after the queue drained.
+    /// Checks the invariants of docs/design.md for one activity after the queue drained and the
+    /// sweeper applied every return: `total_stock` is all the stock ever put on sale.
     pub async fn check_invariants(
         &self,
         activity: i64,
-        initial_stock: i64,
+        total_stock: i64,
         accepted: &[(String, i64)],
     ) -> anyhow::Result<InvariantReport> {
-        let rows: Vec<(String, i64, i32)> =
-            sqlx::query_as("SELECT order_no, user_id, quantity FROM orders WHERE activity_id = ?")
-                .bind(activity)
-                .fetch_all(&self.db)
-                .await?;
-        let ordered: i64 = rows.iter().map(|(_, _, q)| i64::from(*q)).sum();
-        let in_mysql: HashSet<&str> = rows.iter().map(|(no, _, _)| no.as_str()).collect();
-        let users: HashSet<i64> = rows.iter().map(|(_, u, _)| *u).collect();
+        let rows: Vec<(String, i64, i32, i8)> = sqlx::query_as(
+            "SELECT order_no, user_id, quantity, status FROM orders WHERE activity_id = ?",
+        )
+        .bind(activity)
+        .fetch_all(&self.db)
+        .await?;
+        let live = |status: i8| status == 0 || status == 1;
+        let ordered: i64 = rows
+            .iter()
+            .filter(|r| live(r.3))
+            .map(|r| i64::from(r.2))
+            .sum();
+        let in_mysql: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let live_orders = rows.iter().filter(|r| live(r.3)).count();
+        let live_users: HashSet<i64> = rows.iter().filter(|r| live(r.3)).map(|r| r.1).collect();
         let missing: Vec<String> = accepted
             .iter()
             .filter(|(no, _)| !in_mysql.contains(no.as_str()))
             .map(|(no, _)| no.clone())
             .collect();
         let accepted_set: HashSet<&str> = accepted.iter().map(|(no, _)| no.as_str()).collect();
+
+        // Returns: one per closed order, none for a live one, every one applied to Redis.
+        let returns: Vec<(String, i32, bool)> = sqlx::query_as(
+            "SELECT order_no, quantity, applied_at IS NOT NULL FROM stock_returns WHERE activity_id = ?",
+        )
+        .bind(activity)
+        .fetch_all(&self.db)
+        .await?;
+        let returned: HashSet<&str> = returns.iter().map(|r| r.0.as_str()).collect();
+        let closed: HashSet<&str> = rows
+            .iter()
+            .filter(|r| !live(r.3))
+            .map(|r| r.0.as_str())
+            .collect();
+        let paid_returned = rows
+            .iter()
+            .filter(|r| r.3 == 1 && returned.contains(r.0.as_str()))
+            .count();
+        let closed_not_returned = closed.iter().filter(|no| !returned.contains(**no)).count();
+        let live_returned = rows
+            .iter()
+            .filter(|r| live(r.3) && returned.contains(r.0.as_str()))
+            .count();
+        let (mysql_stock,): (i64,) =
+            sqlx::query_as("SELECT CAST(stock AS SIGNED) FROM inventory WHERE activity_id = ?")
+                .bind(activity)
+                .fetch_one(&self.db)
+                .await?;
         let redis_stock = self.redis_stock(activity).await?;
+        let count = |status: i8| rows.iter().filter(|r| r.3 == status).count();
         Ok(InvariantReport {
-            initial_stock,
+            initial_stock: total_stock,
             ordered,
             orders: rows.len(),
+            live_orders,
+            paid: count(1),
+            cancelled: count(2),
+            expired: count(3),
             accepted: accepted.len(),
             missing,
             unanswered_orders: in_mysql
                 .iter()
                 .filter(|no| !accepted_set.contains(**no))
                 .count(),
-            duplicate_users: rows.len() - users.len(),
+            duplicate_users: live_orders - live_users.len(),
             redis_stock,
+            mysql_stock,
             pending: self.pending(activity).await?,
+            returns: returns.len(),
+            unapplied_returns: returns.iter().filter(|r| !r.2).count(),
+            returned_quantity: returns.iter().map(|r| i64::from(r.1)).sum(),
+            paid_returned,
+            live_returned,
+            closed_not_returned,
         })
     }
 }
@@ -451,19 +545,37 @@ impl Stores {
 /// The invariants of docs/design.md, measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InvariantReport {
+    /// All the stock ever put on sale.
     pub initial_stock: i64,
-    /// Sum of ordered quantities in MySQL.
+    /// Sum of quantities of live (`CREATED` or `PAID`) orders in MySQL.
     pub ordered: i64,
+    /// Orders in MySQL, in every state.
     pub orders: usize,
+    pub live_orders: usize,
+    pub paid: usize,
+    pub cancelled: usize,
+    pub expired: usize,
     /// 2xx answers.
     pub accepted: usize,
     /// Order numbers answered 2xx with no MySQL order.
     pub missing: Vec<String>,
     /// Orders in MySQL whose create request got no 2xx (e.g. a 503 "could not be confirmed").
     pub unanswered_orders: usize,
+    /// Live orders beyond one per user.
     pub duplicate_users: usize,
     pub redis_stock: i64,
+    pub mysql_stock: i64,
     pub pending: i64,
+    /// Rows of `stock_returns` (one per order at most: its primary key).
+    pub returns: usize,
+    pub unapplied_returns: usize,
+    pub returned_quantity: i64,
+    /// Paid orders whose stock was given back (must be 0).
+    pub paid_returned: usize,
+    /// Live orders with a return (must be 0).
+    pub live_returned: usize,
+    /// Cancelled or expired orders without a return (must be 0).
+    pub closed_not_returned: usize,
 }
 
 impl InvariantReport {
@@ -479,12 +591,25 @@ impl InvariantReport {
         self.duplicate_users == 0
     }
 
+    /// Redis available + live ordered = total, and MySQL's stock agrees; every return applied.
     pub fn conservation(&self) -> bool {
-        self.pending == 0 && self.redis_stock + self.ordered == self.initial_stock
+        self.pending == 0
+            && self.unapplied_returns == 0
+            && self.redis_stock + self.ordered == self.initial_stock
+            && self.mysql_stock + self.ordered == self.initial_stock
+    }
+
+    /// Every closed order returned its stock exactly once, and no live or paid one did.
+    pub fn returns_exactly_once(&self) -> bool {
+        self.paid_returned == 0 && self.live_returned == 0 && self.closed_not_returned == 0
     }
 
     pub fn all_hold(&self) -> bool {
-        self.no_oversell() && self.no_lost_order() && self.no_duplicate() && self.conservation()
+        self.no_oversell()
+            && self.no_lost_order()
+            && self.no_duplicate()
+            && self.conservation()
+            && self.returns_exactly_once()
     }
 
     /// An error naming every broken invariant.
@@ -499,7 +624,7 @@ impl fmt::Display for InvariantReport {
         let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
         writeln!(
             f,
-            "[{}] 1 no oversell     ordered {} <= initial stock {}",
+            "[{}] 1 no oversell     live ordered {} <= stock ever on sale {}",
             mark(self.no_oversell()),
             self.ordered,
             self.initial_stock
@@ -515,19 +640,156 @@ impl fmt::Display for InvariantReport {
         )?;
         writeln!(
             f,
-            "[{}] 3 no duplicate    {} users with more than one order",
+            "[{}] 3 no duplicate    {} users with more than one live order",
             mark(self.no_duplicate()),
             self.duplicate_users
         )?;
         writeln!(
             f,
-            "[{}] 4 conservation    Redis stock {} + ordered {} = {} (initial {}), {} reservations pending",
+            "[{}] 4 conservation    Redis stock {} + live ordered {} = {}, MySQL stock {} + live ordered = {} (on sale {}), {} reservations pending, {} returns not in Redis",
             mark(self.conservation()),
             self.redis_stock,
             self.ordered,
             self.redis_stock + self.ordered,
+            self.mysql_stock,
+            self.mysql_stock + self.ordered,
             self.initial_stock,
-            self.pending
+            self.pending,
+            self.unapplied_returns
+        )?;
+        writeln!(
+            f,
+            "[{}] 6 returns once    {} paid, {} cancelled, {} expired; {} returns ({} items); {} paid and {} live orders returned, {} closed orders not returned",
+            mark(self.returns_exactly_once()),
+            self.paid,
+            self.cancelled,
+            self.expired,
+            self.returns,
+            self.returned_quantity,
+            self.paid_returned,
+            self.live_returned,
+            self.closed_not_returned
         )
+    }
+}
+
+/// What the buyers did with their orders after the sale, and what came of it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AfterSaleReport {
+    /// Orders paid through the payment simulator (200).
+    pub paid: usize,
+    /// Payments refused (e.g. the order expired first): the provider refunds them.
+    pub payments_refused: usize,
+    /// Orders the buyer cancelled (200).
+    pub cancelled: usize,
+    /// Cancellations refused (the order was paid or expired first).
+    pub cancels_refused: usize,
+    /// Orders nobody paid nor cancelled: they expire at their deadline.
+    pub left_to_expire: usize,
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for AfterSaleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  paid through the payment simulator   {:>8}   (refused: {})",
+            self.paid, self.payments_refused
+        )?;
+        writeln!(
+            f,
+            "  cancelled by their buyer             {:>8}   (refused: {})",
+            self.cancelled, self.cancels_refused
+        )?;
+        write!(
+            f,
+            "  left unpaid, to expire               {:>8}   ({:.1} s for the payments and cancels)",
+            self.left_to_expire,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// After the sale, each buyer of `accepted` acts on their order, by its position: of every ten,
+/// seven pay (`pay`, the provider's signed callback), one cancels, two let it expire.
+/// `order_url` is order-service's (or the gateway's) base URL.
+pub async fn after_the_sale(
+    http: &reqwest::Client,
+    order_url: &str,
+    pay: &crate::payments::PaymentSimulator,
+    price_cents: i64,
+    accepted: &[(String, i64)],
+) -> anyhow::Result<AfterSaleReport> {
+    use futures::StreamExt;
+    let started = Instant::now();
+    let base = order_url.trim_end_matches('/').to_owned();
+    let acts = accepted.iter().enumerate().map(|(i, (no, user))| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            match i % 10 {
+                0..=6 => {
+                    let answer = pay.pay(no, price_cents, 1, &format!("sale-{no}")).await?;
+                    Ok::<_, anyhow::Error>(match answer {
+                        crate::payments::Confirmation::Paid(_) => "paid",
+                        _ => "payment refused",
+                    })
+                }
+                7 => {
+                    let res = http
+                        .post(format!("{base}{}", api::order::cancel(no)))
+                        .header(api::USER_HEADER, user.to_string())
+                        .send()
+                        .await?;
+                    Ok(if res.status().is_success() {
+                        "cancelled"
+                    } else {
+                        "cancel refused"
+                    })
+                }
+                _ => Ok("left"),
+            }
+        }
+    });
+    let mut results = futures::stream::iter(acts).buffer_unordered(64);
+    let mut report = AfterSaleReport::default();
+    while let Some(done) = results.next().await {
+        match done? {
+            "paid" => report.paid += 1,
+            "payment refused" => report.payments_refused += 1,
+            "cancelled" => report.cancelled += 1,
+            "cancel refused" => report.cancels_refused += 1,
+            _ => report.left_to_expire += 1,
+        }
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+impl Stores {
+    /// Waits until no order of the activity awaits payment any more (each was paid, cancelled
+    /// or expired by the sweeper), then until every return is back in Redis.
+    pub async fn wait_for_expiry(
+        &self,
+        activity: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let waiting = self.order_count_in_status(activity, 0).await?;
+            if waiting == 0 {
+                break;
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "{waiting} orders still await payment after {timeout:?}: is the sweeper running?"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(10));
+        self.wait_for_drain(activity, left).await?;
+        Ok(started.elapsed())
     }
 }

@@ -321,6 +321,11 @@ impl Stack {
             .collect();
     }
 
+    /// The process id of one server, while it runs.
+    pub fn pid(&mut self, server: Server) -> Option<u32> {
+        self.child(server).as_ref().map(Child::id)
+    }
+
     /// Crashes one server: SIGKILL, no chance to flush or say goodbye.
     pub fn kill(&mut self, server: Server) {
         if let Some(mut child) = self.child(server).take() {

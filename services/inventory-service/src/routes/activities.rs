@@ -24,6 +24,10 @@ pub struct CreateActivityRequest {
     pub stock: Option<Value>,
     pub start_time: Option<DateTime<Utc>>,
     pub end_time: Option<DateTime<Utc>>,
+    /// Price of one item in the currency's smallest unit (default 0).
+    pub price_cents: Option<Value>,
+    /// Seconds a buyer has to pay once the order is in (default 900: 15 minutes).
+    pub pay_timeout_secs: Option<Value>,
     /// Load it into Redis at once (default true); false leaves it to the scheduled warm-up.
     pub warm_up: Option<bool>,
 }
@@ -36,10 +40,12 @@ pub struct ActivityView {
     /// Stock left in MySQL (the book of record).
     pub stock: i64,
     pub total_stock: Option<i64>,
-    /// Quantity ordered in MySQL.
+    /// Quantity held by live (`CREATED` or `PAID`) orders in MySQL.
     pub ordered: i64,
     pub start_time: Option<DateTime<Utc>>,
     pub end_time: Option<DateTime<Utc>>,
+    pub price_cents: i64,
+    pub pay_timeout_secs: i64,
     /// What Redis holds; `null` when Redis could not be asked.
     pub redis: Option<RedisView>,
 }
@@ -59,18 +65,28 @@ pub struct RestockRequest {
     pub quantity: Option<Value>,
 }
 
+/// Longest payment window: a day.
+const MAX_PAY_TIMEOUT_SECS: i64 = 86_400;
+/// Highest price of one item: ten million in the currency's unit.
+const MAX_PRICE_CENTS: i64 = 1_000_000_000;
+
 fn parse_stock(field: &'static str, raw: Option<&Value>, min: i64) -> Result<i64, ApiError> {
+    parse_bounded(field, raw, min, MAX_STOCK)
+}
+
+fn parse_bounded(
+    field: &'static str,
+    raw: Option<&Value>,
+    min: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
     raw.and_then(|v| match v {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.parse().ok(),
         _ => None,
     })
-    .filter(|n| (min..=MAX_STOCK).contains(n))
-    .ok_or_else(|| {
-        ApiError::invalid(format!(
-            "{field} must be an integer from {min} to {MAX_STOCK}"
-        ))
-    })
+    .filter(|n| (min..=max).contains(n))
+    .ok_or_else(|| ApiError::invalid(format!("{field} must be an integer from {min} to {max}")))
 }
 
 fn path_id(raw: &str) -> Result<ActivityId, ApiError> {
@@ -97,6 +113,8 @@ async fn view(state: &AppState, activity: Activity) -> ActivityView {
         ordered: activity.ordered,
         start_time: activity.start_time,
         end_time: activity.end_time,
+        price_cents: activity.price_cents,
+        pay_timeout_secs: activity.pay_timeout_secs,
         redis,
     }
 }
@@ -124,6 +142,14 @@ pub(super) async fn create_activity(
 ) -> Result<(StatusCode, Json<ActivityView>), ApiError> {
     let id = ActivityId::parse(body.activity_id.as_ref())?;
     let stock = parse_stock("stock", body.stock.as_ref(), 0)?;
+    let price_cents = match &body.price_cents {
+        None | Some(Value::Null) => 0,
+        raw => parse_bounded("priceCents", raw.as_ref(), 0, MAX_PRICE_CENTS)?,
+    };
+    let pay_timeout_secs = match &body.pay_timeout_secs {
+        None | Some(Value::Null) => 900,
+        raw => parse_bounded("payTimeoutSecs", raw.as_ref(), 1, MAX_PAY_TIMEOUT_SECS)?,
+    };
     let name = body
         .name
         .map(|n| n.trim().to_owned())
@@ -142,6 +168,8 @@ pub(super) async fn create_activity(
         stock,
         start_time: body.start_time,
         end_time: body.end_time,
+        price_cents,
+        pay_timeout_secs,
     };
     let created = activities::create(&state.db, &new)
         .await

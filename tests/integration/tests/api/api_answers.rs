@@ -193,6 +193,63 @@ async fn every_answer_of_the_order_and_admin_apis() {
         .await,
     );
     record(
+        "list my orders",
+        answer(
+            http.get(format!("{ord}{}", api::order::MINE))
+                .header(api::USER_HEADER, "42")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await,
+    );
+    record(
+        "list orders without a user",
+        answer(
+            http.get(format!("{ord}{}", api::order::MINE))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await,
+    );
+    let cancel = |user: &str| {
+        http.post(format!("{ord}{}", api::order::cancel(&order_no)))
+            .header(api::USER_HEADER, user)
+    };
+    record(
+        "cancel another user's order",
+        answer(cancel("7").send().await.unwrap()).await,
+    );
+    record(
+        "cancel with a body that is not JSON",
+        answer(cancel("42").body("{").send().await.unwrap()).await,
+    );
+    record(
+        "cancel order",
+        answer(cancel("42").send().await.unwrap()).await,
+    );
+    record(
+        "cancel order twice",
+        answer(cancel("42").send().await.unwrap()).await,
+    );
+    let callback = |signature: &str| {
+        http.post(format!("{ord}{}", api::order::PAYMENT_CALLBACK))
+            .header(flash_sale_common::payment::TIMESTAMP_HEADER, "1700000000")
+            .header(flash_sale_common::payment::SIGNATURE_HEADER, signature)
+            .body(format!(
+                r#"{{"paymentId":"p1","orderNo":"{order_no}","amountCents":0,"quantity":1}}"#
+            ))
+    };
+    record(
+        "payment callback with a forged signature",
+        answer(callback("v1=00").send().await.unwrap()).await,
+    );
+    record(
+        "payment callback without a signature",
+        answer(callback("").send().await.unwrap()).await,
+    );
+    record(
         "get activity after the sale",
         answer(
             admin(http.get(format!("{inv}{}", api::inventory::activity(1, ""))))
@@ -244,6 +301,15 @@ async fn every_answer_of_the_order_and_admin_apis() {
         ".*.body.startTime" => "[time]",
         ".*.body.reservedAt" => "[time]",
         ".*.body.createdAt" => "[time]",
+        ".*.body.payDeadline" => "[time]",
+        // null while the order is open: only a time is redacted
+        ".*.body.closedAt" => insta::dynamic_redaction(|value, _| {
+            if value.as_str().is_some() { "[time]".into() } else { value }
+        }),
+        ".*.body.orders[].orderNo" => "[orderNo]",
+        ".*.body.orders[].reservedAt" => "[time]",
+        ".*.body.orders[].createdAt" => "[time]",
+        ".*.body.orders[].payDeadline" => "[time]",
         ".*.body.message" => insta::dynamic_redaction(|value, _| {
             // Order numbers inside messages are random.
             let text = value.as_str().unwrap_or_default();

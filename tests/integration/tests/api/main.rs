@@ -9,5 +9,6 @@ mod gateway;
 mod helpers;
 mod hey;
 mod inventory;
+mod lifecycle;
 mod metric_names;
 mod sale;

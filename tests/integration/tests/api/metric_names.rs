@@ -6,7 +6,7 @@
 //! services are the real order-service, inventory-service and gateway, each in its own process
 //! (so each `/metrics` is that service's alone) on a private stack, after a little traffic of every
 //! kind the bundle watches: a sale, a sold-out, its short circuits in the service and in the
-//! gateway, a warm-up, a reconcile, the consumer's drain. Names from other exporters are listed
+//! gateway, a warm-up, a reconcile, the consumer's drain, a payment and a cancellation. Names from other exporters are listed
 //! one by one below, never by a pattern.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -279,8 +279,45 @@ async fn every_metric_the_monitoring_reads_is_emitted_by_a_running_service() {
         .await
         .unwrap();
     admin.reconcile().await.unwrap();
-    stack_stores(&stack)
+    let stores = stack_stores(&stack).await;
+    stores
+        .wait_for_drain(1, Duration::from_secs(30))
         .await
+        .unwrap();
+
+    // After the sale, through the gateway: the provider pays user 1's order (its callback needs
+    // no token), user 2 cancels theirs (with their token), and the stock comes back.
+    let orders: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT order_no, user_id FROM orders WHERE activity_id = 1 ORDER BY user_id",
+    )
+    .fetch_all(stores.db())
+    .await
+    .unwrap();
+    let simulator = flash_sale_tests::payments::PaymentSimulator::new(
+        http.clone(),
+        &gateway.base_url,
+        flash_sale_tests::apps::PAYMENT_SECRET,
+    );
+    let paid = simulator
+        .pay(&orders[0].0, 0, 1, "pay-metrics")
+        .await
+        .unwrap();
+    assert!(
+        matches!(paid, flash_sale_tests::payments::Confirmation::Paid(_)),
+        "{paid:?}"
+    );
+    let cancelled = http
+        .post(format!(
+            "{}{}",
+            gateway.base_url,
+            api::order::cancel(&orders[1].0)
+        ))
+        .bearer_auth(token("2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status().as_u16(), 200);
+    stores
         .wait_for_drain(1, Duration::from_secs(30))
         .await
         .unwrap();
