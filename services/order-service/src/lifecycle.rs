@@ -119,6 +119,15 @@ pub async fn pay(
     callback: &PaymentCallback,
     order_no: &OrderNo,
 ) -> Result<PayOutcome, sqlx::Error> {
+    retried(|| pay_once(db, redis, callback, order_no)).await
+}
+
+async fn pay_once(
+    db: &MySqlPool,
+    redis: &Redis,
+    callback: &PaymentCallback,
+    order_no: &OrderNo,
+) -> Result<PayOutcome, sqlx::Error> {
     let Some(order) = find(db, order_no).await? else {
         return Ok(PayOutcome::NotFound);
     };
@@ -200,13 +209,23 @@ pub async fn cancel(
     user: UserId,
     order_no: &OrderNo,
 ) -> Result<CancelOutcome, sqlx::Error> {
+    retried(|| cancel_once(db, redis, user, order_no)).await
+}
+
+async fn cancel_once(
+    db: &MySqlPool,
+    redis: &Redis,
+    user: UserId,
+    order_no: &OrderNo,
+) -> Result<CancelOutcome, sqlx::Error> {
     let Some(order) = find(db, order_no).await? else {
         return Ok(CancelOutcome::NotFound);
     };
     if order.user != user {
         return Ok(CancelOutcome::NotFound);
     }
-    let mut tx = db.begin().await?;
+    let mut conn = db.acquire().await?;
+    let mut tx = read_committed(&mut conn).await?;
     let done = sqlx::query(
         "UPDATE orders SET status = ?, closed_at = UTC_TIMESTAMP(3) \
          WHERE order_no = ? AND user_id = ? AND status = ?",
@@ -225,12 +244,15 @@ pub async fn cancel(
         }];
         give_back(&mut tx, &returns, CANCELLED).await?;
         tx.commit().await?;
+        // Back to the pool before what follows asks it for another connection.
+        drop(conn);
         transitioned(OrderStatus::Cancelled, 1);
         apply_returns(db, redis, order_no.activity(), &returns).await;
         let order = find(db, order_no).await?.unwrap_or(order);
         return Ok(CancelOutcome::Cancelled(order));
     }
     tx.rollback().await?;
+    drop(conn);
     let Some(now) = find(db, order_no).await? else {
         return Ok(CancelOutcome::NotFound);
     };
@@ -243,7 +265,8 @@ pub async fn cancel(
 
 /// Expires one order past its deadline (the payment path's own expiry), if it still is.
 async fn expire_one(db: &MySqlPool, redis: &Redis, order_no: &OrderNo) -> Result<(), sqlx::Error> {
-    let mut tx = db.begin().await?;
+    let mut conn = db.acquire().await?;
+    let mut tx = read_committed(&mut conn).await?;
     let row: Option<(i64, i32)> = sqlx::query_as(
         "SELECT user_id, quantity FROM orders WHERE order_no = ? AND status = ? \
          AND pay_deadline <= UTC_TIMESTAMP(3) FOR UPDATE",
@@ -263,6 +286,7 @@ async fn expire_one(db: &MySqlPool, redis: &Redis, order_no: &OrderNo) -> Result
     };
     close(&mut tx, &returns, EXPIRED).await?;
     tx.commit().await?;
+    drop(conn);
     transitioned(OrderStatus::Expired, 1);
     apply_returns(db, redis, order_no.activity(), &returns).await;
     Ok(())
@@ -272,7 +296,12 @@ async fn expire_one(db: &MySqlPool, redis: &Redis, order_no: &OrderNo) -> Result
 /// their stock back. Rows another sweeper holds are skipped (`SKIP LOCKED`), so sweepers in
 /// several pods share the work. Returns how many expired.
 pub async fn expire_due(db: &MySqlPool, redis: &Redis, batch: u32) -> Result<usize, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    retried(|| expire_due_once(db, redis, batch)).await
+}
+
+async fn expire_due_once(db: &MySqlPool, redis: &Redis, batch: u32) -> Result<usize, sqlx::Error> {
+    let mut conn = db.acquire().await?;
+    let mut tx = read_committed(&mut conn).await?;
     let rows: Vec<(String, i64, i32)> = sqlx::query_as(
         "SELECT order_no, user_id, quantity FROM orders \
          WHERE status = ? AND pay_deadline <= UTC_TIMESTAMP(3) \
@@ -298,11 +327,49 @@ pub async fn expire_due(db: &MySqlPool, redis: &Redis, batch: u32) -> Result<usi
     }
     close(&mut tx, &returns, EXPIRED).await?;
     tx.commit().await?;
+    drop(conn);
     transitioned(OrderStatus::Expired, returns.len());
     for (activity, returns) in by_activity(returns.iter().cloned()) {
         apply_returns(db, redis, activity, &returns).await;
     }
     Ok(returns.len())
+}
+
+/// Begins a transaction at READ COMMITTED. The lifecycle's transactions lock the rows they
+/// change and no gaps: at REPEATABLE READ, the sweepers' range scans and the status changes they
+/// make in the same index took gap locks that deadlocked two sweepers (seen in the race test).
+async fn read_committed(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::MySql>,
+) -> Result<Tx<'_>, sqlx::Error> {
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut **conn)
+        .await?;
+    sqlx::Connection::begin(&mut **conn).await
+}
+
+/// Runs `attempt` again (up to 4 times in all, after 10, 20, 30 ms) when InnoDB picked it as a
+/// deadlock's victim or its lock wait timed out: it was rolled back whole, so running it again is
+/// safe, and the conditional updates make a second run decide from what the first left.
+async fn retried<T, F, Fut>(mut attempt: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(sqlx::Error::Database(e))
+                if tries < 4
+                    && matches!(e.code().as_deref(), Some("40001") | Some("HY000"))
+                    && e.message().to_ascii_lowercase().contains("lock") =>
+            {
+                tracing::debug!(error = %e.message(), tries, "lock conflict in MySQL; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(10 * tries)).await;
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Moves locked `CREATED` rows to `status` and gives their stock back, in `tx`.

@@ -91,7 +91,10 @@ async fn decide(
     };
     let outcome = match lifecycle::pay(&state.db, &state.redis, &callback, &order_no).await {
         Ok(outcome) => outcome,
-        Err(error) => return ("error", Err(ApiError::unavailable("MySQL", error))),
+        Err(error) => {
+            tracing::warn!(%error, %order_no, "payment callback failed in MySQL");
+            return ("error", Err(ApiError::unavailable("MySQL", error)));
+        }
     };
     match outcome {
         PayOutcome::Paid(order) => ("paid", Ok(Json(order.into()))),
