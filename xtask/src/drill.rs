@@ -5,6 +5,9 @@
 //! docs/design.md read from MySQL and Redis directly. One table at the end; any lost, duplicated
 //! or oversold order, a broken conservation or a bad input that changed something fails the run.
 //!
+//! `hostile` kills nothing: buyers keep buying while one address floods the gateway with slow
+//! heads and idle connections (`hostile.rs`).
+//!
 //! `order-service-pair` runs two order-service processes (the gateway in front of the first),
 //! kills the second and does not restart it: the survivor's consumer must take over the dead
 //! member's partitions once the broker expires its session.
@@ -35,10 +38,13 @@ enum Part {
     Broker,
     Mariadb,
     OrderServicePair,
+    /// Nothing killed: one address floods the gateway with slow heads and idle connections
+    /// while buyers from another keep buying (`hostile.rs`).
+    Hostile,
 }
 
 impl Part {
-    const ALL: [Part; 8] = [
+    const ALL: [Part; 9] = [
         Part::OrderService,
         Part::InventoryService,
         Part::Gateway,
@@ -47,6 +53,7 @@ impl Part {
         Part::Broker,
         Part::Mariadb,
         Part::OrderServicePair,
+        Part::Hostile,
     ];
 
     const fn name(self) -> &'static str {
@@ -59,6 +66,7 @@ impl Part {
             Part::Broker => "broker",
             Part::Mariadb => "mariadb",
             Part::OrderServicePair => "order-service-pair",
+            Part::Hostile => "hostile",
         }
     }
 
@@ -128,7 +136,7 @@ const RECONCILER_ENV: [(&str, &str); 2] = [
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// Drill only this part (repeatable): order-service, inventory-service, gateway, redis,
-    /// redis-loss, broker, mariadb, order-service-pair. Default: every part.
+    /// redis-loss, broker, mariadb, order-service-pair, hostile. Default: every part.
     #[arg(long = "part", value_name = "NAME", value_parser = |name: &str| Part::parse(name).map_err(|e| e.to_string()))]
     parts: Vec<Part>,
     /// The CI's smaller sale.
@@ -158,8 +166,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
     let rows = runtime.block_on(async {
         let mut rows = Vec::new();
         for part in parts {
+            let what = if part == Part::Hostile {
+                "a quiet sale, then the same under a slow-header and connection flood from one address"
+            } else {
+                "SIGKILL once a third is sold"
+            };
             println!(
-                "\ndrill {}: {} items, {} buyers ({} at a time), SIGKILL once a third is sold",
+                "\ndrill {}: {} items, {} buyers ({} at a time), {what}",
                 part.name(),
                 size.stock,
                 size.buyers,
@@ -198,6 +211,8 @@ struct Row {
     drained: Option<f64>,
     /// Invariant 5: bad input answered 4xx with a code and changed nothing.
     bad_input: Result<(), String>,
+    /// The hostile drill's latency verdict (`hostile::latency_verdict`).
+    latency: Option<Result<String, String>>,
 }
 
 impl Row {
@@ -206,7 +221,10 @@ impl Row {
     }
 
     fn passed(&self) -> bool {
-        self.report.all_hold() && self.bad_input.is_ok() && self.drained.is_some()
+        self.report.all_hold()
+            && self.bad_input.is_ok()
+            && self.drained.is_some()
+            && self.latency.as_ref().is_none_or(Result::is_ok)
     }
 }
 
@@ -240,6 +258,11 @@ fn table(rows: &[Row]) -> String {
         ));
         if let Err(e) = &r.bad_input {
             out.push_str(&format!("  {}: bad input: {e}\n", r.part));
+        }
+        match &r.latency {
+            Some(Ok(line)) => out.push_str(&format!("  {}: {line}\n", r.part)),
+            Some(Err(line)) => out.push_str(&format!("  {}: FAIL {line}\n", r.part)),
+            None => {}
         }
     }
     out
@@ -321,7 +344,7 @@ impl System {
             Part::InventoryService => Some(&mut self.inventory),
             Part::Gateway => Some(&mut self.gateway),
             Part::OrderServicePair => self.second_order.as_mut(),
-            Part::Redis | Part::RedisLoss | Part::Broker | Part::Mariadb => None,
+            Part::Redis | Part::RedisLoss | Part::Broker | Part::Mariadb | Part::Hostile => None,
         }
     }
 
@@ -373,7 +396,11 @@ impl System {
 
 async fn drill(part: Part, size: Size) -> anyhow::Result<Row> {
     let mut system = System::start(part == Part::OrderServicePair).await?;
-    let result = run_drill(&mut system, part, size).await;
+    let result = if part == Part::Hostile {
+        run_hostile(&mut system, size).await
+    } else {
+        run_drill(&mut system, part, size).await
+    };
     if !result.as_ref().is_ok_and(Row::passed) {
         keep_logs(&system.stack.info().dir, part)?;
     }
@@ -495,6 +522,61 @@ async fn run_drill(system: &mut System, part: Part, size: Size) -> anyhow::Resul
         first_2xx,
         drained,
         bad_input,
+        latency: None,
+    })
+}
+
+/// The hostile drill: a quiet sale, then the same sale under attack (`hostile.rs`).
+async fn run_hostile(system: &mut System, size: Size) -> anyhow::Result<Row> {
+    let admin = Admin::new(
+        http_client(),
+        &system.inventory.info.url(),
+        LOCAL_ADMIN_TOKEN,
+    );
+    for activity in [1, 2, 3] {
+        admin.create_activity(activity, size.stock).await?;
+    }
+    let config = |activity, first_user| SaleConfig {
+        activity,
+        stock: size.stock,
+        requests: size.buyers,
+        concurrency: size.concurrency,
+        repeat_every: 0,
+        first_user,
+        retry_ms: 0,
+    };
+    let (quiet, loud, attack) = crate::hostile::sales(&system.gateway.info.url(), config).await?;
+    println!(
+        "quiet sale (buyers from {})\n{quiet}",
+        crate::hostile::BUYERS
+    );
+    println!(
+        "under attack: {} connections opened from one address, {} closed by the gateway, {} refused by the kernel\n{loud}",
+        attack.opened, attack.closed_by_gateway, attack.failed_to_connect
+    );
+    let stores = system.stores().await?;
+    crate::hostile::quiet_invariants(&stores, size.stock, &quiet).await?;
+    let started = Instant::now();
+    let drained = stores
+        .wait_for_drain(3, DRAIN_LIMIT)
+        .await
+        .map(|_| started.elapsed().as_secs_f64())
+        .map_err(|error| println!("  {error:#}"))
+        .ok();
+    let report = stores
+        .check_invariants(3, size.stock, &loud.accepted)
+        .await?;
+    let bad_input =
+        bad_input_changes_nothing(&http_client(), &system.gateway.info.url(), &stores, 3)
+            .await
+            .map_err(|e| format!("{e:#}"));
+    Ok(Row {
+        part: Part::Hostile.name(),
+        report,
+        first_2xx: None,
+        drained,
+        bad_input,
+        latency: Some(crate::hostile::latency_verdict(&quiet, &loud)),
     })
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod canary;
 mod ci;
 mod drill;
+mod hostile;
 mod pay;
 mod sale;
 mod services;

@@ -68,6 +68,7 @@ error_codes! {
     BadSignature => (UNAUTHORIZED, "BAD_SIGNATURE", "The callback's signature does not match its timestamp and body."),
     StaleCallback => (UNAUTHORIZED, "STALE_CALLBACK", "The callback's timestamp is outside the replay window."),
     PaymentMismatch => (UNPROCESSABLE_ENTITY, "PAYMENT_MISMATCH", "The payment's amount or quantity is not the order's, or its id belongs to another order."),
+    RequestTimeout => (REQUEST_TIMEOUT, "REQUEST_TIMEOUT", "The request did not arrive in time; the connection is closed."),
     PayloadTooLarge => (PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "The body is larger than allowed."),
     UnsupportedMediaType => (UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "The body must be sent as application/json."),
     RateLimited => (TOO_MANY_REQUESTS, "RATE_LIMITED", "Too many requests; retry after the given delay."),

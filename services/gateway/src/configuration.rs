@@ -19,6 +19,8 @@ pub struct Settings {
     pub routes: RoutesSettings,
     /// Body limit, client address, resource bounds.
     pub proxy: ProxySettings,
+    /// Client connections: caps and the deadline of each phase ([`crate::edge`]).
+    pub connections: ConnectionSettings,
     /// How the user token is verified.
     pub auth: AuthSettings,
     /// The Redis that holds the cluster-wide token buckets. Its timeouts are short: a slow Redis
@@ -40,6 +42,7 @@ impl Default for Settings {
             upstreams: UpstreamSettings::default(),
             routes: RoutesSettings::default(),
             proxy: ProxySettings::default(),
+            connections: ConnectionSettings::default(),
             auth: AuthSettings::default(),
             redis: RedisSettings {
                 max_in_flight: 2048,
@@ -150,6 +153,108 @@ impl Default for ProxySettings {
             max_tracked_activities: 1000,
             cpu_sample_interval_ms: 1000,
         }
+    }
+}
+
+/// Client connections (docs/gateway.md, "Hostile clients").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionSettings {
+    /// From a request's first byte to its complete head (request line and headers). A phone on
+    /// a bad network sends a head of a few hundred bytes in one or two round trips; a
+    /// slowloris trickles it over minutes.
+    pub head_timeout_ms: u64,
+    /// For the handler to read the whole body (at most `proxy.body_limit_bytes`); 408 past it.
+    pub body_timeout_ms: u64,
+    /// A kept-alive connection with no request is closed after this. Longer than the ingress'
+    /// upstream keep-alive, so the ingress closes first and never reuses a closing connection.
+    pub idle_timeout_ms: u64,
+    /// Most client connections open at once; 0: the open-file limit minus
+    /// [`FILE_RESERVE`]. A value that leaves less than that reserve is refused at start.
+    pub max_connections: usize,
+    /// Most connections open at once from one peer address (behind the ingress, the peer is
+    /// the ingress controller: size it for that, the ingress caps each client); 0: no cap.
+    pub max_connections_per_ip: u32,
+    /// Most header fields in a request; more is 431.
+    pub max_headers: usize,
+    /// Largest request head in bytes; larger is 431.
+    pub max_head_bytes: usize,
+}
+
+/// File descriptors kept for what is not a client connection (upstream and Redis connections,
+/// the management listener, the rule file, logs): this many, or a quarter of the limit if that
+/// is less.
+pub const FILE_RESERVE: u64 = 1024;
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        Self {
+            head_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            idle_timeout_ms: 75_000,
+            max_connections: 0,
+            max_connections_per_ip: 512,
+            max_headers: 64,
+            max_head_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl ConnectionSettings {
+    /// Raises this process's open-file soft limit to its hard limit (as nginx and Go's runtime
+    /// do) and returns the global cap: `max_connections`, or with 0 the limit minus the reserve.
+    /// A cap that leaves less than the reserve is refused.
+    pub fn check_file_limit(&self) -> anyhow::Result<usize> {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut rlimit = getrlimit(Resource::Nofile);
+        if rlimit.maximum > rlimit.current {
+            rlimit.current = rlimit.maximum;
+            if let Err(error) = setrlimit(Resource::Nofile, rlimit) {
+                tracing::warn!(%error, "could not raise the open-file soft limit to the hard limit");
+            }
+        }
+        let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        self.cap_for(limit)
+    }
+
+    /// The global cap under an open-file limit of `limit`.
+    pub fn cap_for(&self, limit: u64) -> anyhow::Result<usize> {
+        let reserve = FILE_RESERVE.min(limit / 4);
+        let room = limit.saturating_sub(reserve);
+        match self.max_connections {
+            _ if room == 0 => anyhow::bail!(
+                "the open-file limit is {limit}: no room for client connections (raise it: ulimit -n)"
+            ),
+            0 => Ok(usize::try_from(room).unwrap_or(usize::MAX)),
+            n if n as u64 <= room => Ok(n),
+            n => anyhow::bail!(
+                "connections.max_connections is {n}, but the open-file limit of {limit} leaves room for {room} (the gateway keeps {reserve} for its own files): lower it or raise the limit"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_stays_below_the_file_limit() {
+        let auto = ConnectionSettings::default();
+        assert_eq!(auto.cap_for(20_000).unwrap(), 20_000 - 1024);
+        assert_eq!(
+            auto.cap_for(1024).unwrap(),
+            768,
+            "a small limit keeps a quarter"
+        );
+        assert!(auto.cap_for(0).is_err());
+        let fixed = |n| ConnectionSettings {
+            max_connections: n,
+            ..ConnectionSettings::default()
+        };
+        assert_eq!(fixed(5000).cap_for(20_000).unwrap(), 5000);
+        assert_eq!(fixed(18_976).cap_for(20_000).unwrap(), 18_976);
+        let error = fixed(18_977).cap_for(20_000).unwrap_err().to_string();
+        assert!(error.contains("leaves room for 18976"), "{error}");
     }
 }
 

@@ -24,6 +24,10 @@ pub enum GatewayError {
     PayloadTooLarge,
     /// The client stopped sending its body.
     BodyNotReceived,
+    /// The body did not arrive within `connections.body_timeout_ms`.
+    BodyTimeout,
+    /// A method no route of the API has (an extension method such as `FOOBAR`).
+    UnknownMethod,
     /// The buy path's body is JSON but not one object without a key twice.
     InvalidBody(String),
     /// A flow rule refused the request.
@@ -55,6 +59,7 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut blocked = None;
         let mut challenge = None;
+        let mut close = false;
         let error = match self {
             Self::MissingToken => {
                 challenge = Some("Bearer");
@@ -77,6 +82,14 @@ impl IntoResponse for GatewayError {
             ),
             Self::BodyNotReceived => {
                 ApiError::new(ErrorCode::MalformedJson, "the body could not be read")
+            }
+            Self::UnknownMethod => ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "the API has no route for this method",
+            ),
+            Self::BodyTimeout => {
+                close = true;
+                ApiError::new(ErrorCode::RequestTimeout, "the body did not arrive in time")
             }
             Self::InvalidBody(reason) => ApiError::invalid(reason),
             Self::Blocked(refusal) => {
@@ -110,6 +123,12 @@ impl IntoResponse for GatewayError {
             response
                 .headers_mut()
                 .insert(BLOCKED_HEADER, HeaderValue::from_static(reason));
+        }
+        if close {
+            // The rest of the body may still come: it cannot be told from a next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(challenge) = challenge {
             response.headers_mut().insert(

@@ -18,6 +18,7 @@
 //! `error` (every refusal in the common JSON shape), `management` (health, metrics, `/flow`). See docs/gateway.md.
 
 pub mod configuration;
+pub mod edge;
 pub mod error;
 pub mod flow;
 pub mod identity;

@@ -84,8 +84,9 @@ impl Application {
 
         let mut supervisor = Supervisor::new("gateway", shutdown, readiness);
         let accept = supervisor.stop_step("stop accepting");
+        let connections = settings.connections.clone();
         supervisor.spawn(accept, "http server", |stop| {
-            flash_sale_common::http::serve(listener, app, stop)
+            crate::edge::serve(listener, app, connections, stop)
         });
         let jobs = supervisor.stop_step("stop jobs");
         let flow = state.flow.clone();

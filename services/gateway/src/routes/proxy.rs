@@ -2,6 +2,7 @@
 //! sold-out short circuit.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
@@ -60,7 +61,29 @@ async fn handle(
         ..
     } = parts;
 
-    let body = read_body(body, &headers, state.settings.proxy.body_limit_bytes).await?;
+    // The API's methods only: an extension method is nobody's to answer, so it goes nowhere.
+    if ![
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ]
+    .contains(&method)
+    {
+        return Err(GatewayError::UnknownMethod);
+    }
+    let body_timeout = Duration::from_millis(state.settings.connections.body_timeout_ms);
+    let reading = read_body(body, &headers, state.settings.proxy.body_limit_bytes);
+    let body = match tokio::time::timeout(body_timeout, reading).await {
+        Ok(body) => body?,
+        Err(_) => {
+            metrics::counter!("gateway_connection_timeouts_total", "phase" => "body").increment(1);
+            return Err(GatewayError::BodyTimeout);
+        }
+    };
     let order =
         (route == RouteId::FlashSale && method == Method::POST && uri.path() == api::order::CREATE)
             .then(|| OrderFacts::parse(&body))

@@ -4,6 +4,7 @@
 mod api_answers;
 mod bad_input;
 mod canary;
+mod edge;
 mod failures;
 mod gateway;
 mod helpers;
