@@ -1,15 +1,18 @@
 #!/bin/sh
 # Forms the Redis Cluster once.
 #
-# REDIS_NODES lists every node as host:port, separated by spaces. The script waits until each
-# answers, then:
+# REDIS_NODES lists every node as host:port, separated by spaces; REDIS_CLUSTER_REPLICAS is the
+# number of replicas each master gets (the nodes are masters and their replicas). The script
+# waits until each node answers, then:
 #   - the cluster is already formed (state ok, every node known): nothing to do, exit 0;
-#   - every node is empty (knows only itself, owns no slot): create the cluster, no replicas;
+#   - every node is empty (knows only itself, owns no slot): create the cluster, with
+#     REDIS_CLUSTER_REPLICAS replicas per master;
 #   - anything else (half formed, still converging after a restart): wait, and fail at the
 #     deadline so a human looks at it, rather than guess.
 set -eu
 
 : "${REDIS_NODES:?REDIS_NODES must list the nodes as host:port}"
+: "${REDIS_CLUSTER_REPLICAS:?REDIS_CLUSTER_REPLICAS must give the replicas per master}"
 deadline=$(( $(date +%s) + ${BOOTSTRAP_TIMEOUT_SECONDS:-300} ))
 
 say() { printf 'redis-bootstrap: %s\n' "$*"; }
@@ -72,7 +75,7 @@ while :; do
     done
     say "creating the cluster over$addresses"
     # shellcheck disable=SC2086 # one word per node address
-    redis-cli --cluster create $addresses --cluster-replicas 0 --cluster-yes
+    redis-cli --cluster create $addresses --cluster-replicas "$REDIS_CLUSTER_REPLICAS" --cluster-yes
   elif expired; then
     say "cluster neither formed nor empty; inspect with: redis-cli cluster nodes"
     exit 1

@@ -3,8 +3,8 @@
 #
 # A node that restarts keeps its slots and its peers in nodes.conf, but a peer that moved has a
 # new pod IP. Meeting every peer at its current address lets the cluster heal on its own after
-# pods are rescheduled. A node that owns no slot yet is left alone: the bootstrap Job forms the
-# cluster. The hook never fails the container; it only helps.
+# pods are rescheduled. A node that knows of no assigned slot (not in a cluster yet) is left
+# alone: the bootstrap Job forms the cluster. The hook never fails the container; it only helps.
 set -u
 
 self=${POD_NAME:-}

@@ -16,8 +16,10 @@
 //!
 //! The tests themselves live in `tests/`: `render.rs` (schemas and snapshots), `policy.rs`
 //! (the workload checklist, network reachability, canary plans, references), `monitoring.rs`
-//! (rules, dashboard, queries, canary analysis), `deploy_script.rs` (`deploy.sh`) and
-//! `redis_bootstrap.rs` (the cluster bootstrap script against real local Redis servers).
+//! (rules, dashboard, queries, canary analysis), `clusters.rs` (Redpanda's seed list against
+//! the advertised addresses, Redis's masters, replicas and budget), `deploy_script.rs`
+//! (`deploy.sh`) and `redis_bootstrap.rs` (the cluster bootstrap, readiness and failover
+//! against real local Redis servers).
 
 pub mod contracts;
 pub mod manifest;

@@ -59,6 +59,7 @@ fn shellcheck_is_clean() {
         "tests/deploy/install-tools.sh",
         "k8s/redis/bootstrap.sh",
         "k8s/redis/rejoin.sh",
+        "k8s/redis/ready.sh",
         "k8s/redpanda/create-topic.sh",
     ] {
         command.arg(repo_path(script));

@@ -183,6 +183,58 @@ fn the_dashboard_is_well_formed() {
     }
 }
 
+// ------------------------------------------------------- found by a default kube-prometheus-stack
+
+/// The Helm release name of a default `helm install kube-prometheus-stack
+/// prometheus-community/kube-prometheus-stack`: its Prometheus selects ServiceMonitors and
+/// PrometheusRules by `release: <release name>` (`serviceMonitorSelectorNilUsesHelmValues`,
+/// `ruleSelectorNilUsesHelmValues`, both true by default). `monitoring/kustomization.yaml` sets
+/// it; docs/kubernetes.md says how to change it.
+const PROMETHEUS_RELEASE: &str = "kube-prometheus-stack";
+
+#[test]
+fn prometheus_and_grafana_of_a_default_kube_prometheus_stack_pick_the_monitoring_up() {
+    for overlay in [Overlay::Staging, Overlay::Production] {
+        let rendered = overlay.rendered();
+        let context = overlay.name();
+        let selected: Vec<_> = rendered
+            .objects
+            .iter()
+            .filter(|o| matches!(o.kind(), "ServiceMonitor" | "PrometheusRule"))
+            .collect();
+        assert!(
+            selected.len() >= 2,
+            "{context}: ServiceMonitors and a PrometheusRule"
+        );
+        for object in selected {
+            let release = object.labels().get("release").cloned();
+            let id = object.id();
+            assert_eq!(
+                release.as_deref(),
+                Some(PROMETHEUS_RELEASE),
+                "{context}: {id}"
+            );
+        }
+        // Grafana's dashboard sidecar, as kube-prometheus-stack configures it: ConfigMaps
+        // labelled grafana_dashboard="1", in every namespace (`searchNamespace: ALL`).
+        let dashboards: Vec<_> = rendered
+            .of_kind("ConfigMap")
+            .filter(|c| c.labels().get("grafana_dashboard").map(String::as_str) == Some("1"))
+            .collect();
+        assert_eq!(dashboards.len(), 1, "{context}: one dashboard ConfigMap");
+        let dashboard = dashboards[0];
+        assert_eq!(dashboard.name(), "flash-sale-dashboard", "{context}");
+        let json = dashboard
+            .pointer("/data/flash-sale.json")
+            .and_then(Value::as_str);
+        assert_eq!(
+            json.map(str::trim),
+            Some(read(DASHBOARD).trim()),
+            "{context}"
+        );
+    }
+}
+
 // ------------------------------------------------------------------- every query, checked
 
 /// The canary analysis metrics with their queries' arguments filled in, by name.

@@ -233,8 +233,15 @@ fn every_workload_has_one_disruption_budget_that_lets_drains_proceed() {
             let count = budgets.len();
             assert_eq!(count, 1, "{context}: {count} PodDisruptionBudgets");
             let pdb = &budgets[0].0["spec"];
+            // A broken pod never blocks a drain; except Redis's, where a not-ready pod may be
+            // the replica about to take over a drained master's slots (clusters.rs checks its
+            // budget).
             let policy = str_at(pdb, "/unhealthyPodEvictionPolicy");
-            assert_eq!(policy, Some("AlwaysAllow"), "{context}");
+            let wanted = match workload.name() {
+                "redis-cluster" => "IfHealthyBudget",
+                _ => "AlwaysAllow",
+            };
+            assert_eq!(policy, Some(wanted), "{context}");
             // Some pod can always be evicted, so a node drain never waits forever; only the
             // MySQL primary, a singleton, refuses voluntary evictions (see docs/kubernetes.md).
             let replicas = hpa_of(rendered, workload.name())
@@ -554,6 +561,49 @@ fn service_configuration_agrees_with_the_contract_and_the_pods() {
         let inventory = workload(rendered, "inventory-service").containers()[0];
         let same = migrate["image"] == inventory["image"];
         assert!(same, "{}: the migration runs another image", overlay.name());
+    });
+}
+
+/// Memory one open gateway connection takes, its buffers included.
+const GATEWAY_BYTES_PER_CONNECTION: f64 = 10_000.0;
+/// ingress-nginx's default `upstream-keepalive-timeout`: how long the controller keeps an idle
+/// connection to a gateway pod.
+const INGRESS_UPSTREAM_KEEPALIVE_SECONDS: i64 = 60;
+
+#[test]
+fn the_gateway_connection_caps_fit_its_pod_and_the_ingress_in_front_of_it() {
+    each_overlay(|overlay, rendered| {
+        let gateway = workload(rendered, "gateway").containers()[0];
+        let env = container_env(rendered, gateway);
+        let context = overlay.name();
+        let number = |name: &str| -> i64 {
+            let value = env.get(name).cloned().flatten();
+            let value = value.unwrap_or_else(|| panic!("{context}: no {name}"));
+            let parsed = value.parse();
+            parsed.unwrap_or_else(|_| panic!("{context}: {name}={value}"))
+        };
+        // An explicit cap (0 would follow the node's open-file limit) well inside the memory
+        // limit.
+        let max = number("FLASH_SALE_CONNECTIONS__MAX_CONNECTIONS");
+        let limit = quantity(str_at(gateway, "/resources/limits/memory").unwrap());
+        let share = max as f64 * GATEWAY_BYTES_PER_CONNECTION / limit;
+        let fits = max > 0 && share <= 0.5;
+        assert!(
+            fits,
+            "{context}: {max} connections take {share:.2} of the memory limit"
+        );
+        // Every connection comes from an ingress controller pod: no per-address cap under the
+        // global one.
+        let per_ip = number("FLASH_SALE_CONNECTIONS__MAX_CONNECTIONS_PER_IP");
+        let open = per_ip == 0 || per_ip >= max;
+        assert!(
+            open,
+            "{context}: per-address cap {per_ip} under the cap {max}"
+        );
+        // The gateway keeps idle connections longer than the controller reuses them.
+        let idle = number("FLASH_SALE_CONNECTIONS__IDLE_TIMEOUT_MS");
+        let outlasts = idle > INGRESS_UPSTREAM_KEEPALIVE_SECONDS * 1000;
+        assert!(outlasts, "{context}: idle timeout {idle} ms");
     });
 }
 

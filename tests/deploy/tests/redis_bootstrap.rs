@@ -1,16 +1,41 @@
-//! The Redis pieces of `k8s/redis/`, run for real on 127.0.0.1: three `redis-server`s started
-//! from the ConfigMap's `redis.conf` (only port, bind address and maxmemory given, as the
-//! StatefulSet gives maxmemory and the announced name; each in its own working directory as the
-//! pod's /data) accept the seed's
-//! tuning, `bootstrap.sh` forms the cluster and is a no-op when rerun, data survives a restart
-//! through the AOF, and `rejoin.sh` heals a cluster whose nodes all came back at new addresses.
+//! The Redis pieces of `k8s/redis/`, run for real on 127.0.0.1: as many `redis-server`s as the
+//! StatefulSet runs (three masters and their replicas), started from the ConfigMap's
+//! `redis.conf` (only port, bind address and maxmemory given, as the StatefulSet gives maxmemory
+//! and the announced name; each in its own working directory as the pod's /data), accept the
+//! seed's tuning; `bootstrap.sh`, given the bundle's `REDIS_CLUSTER_REPLICAS`, forms the cluster
+//! with a replica per master and is a no-op when rerun; `ready.sh` holds a replica back until it
+//! is in sync; with one master killed its replica takes over and every slot range answers
+//! again; data survives a restart through the AOF; and `rejoin.sh` heals a cluster whose nodes
+//! all came back at new addresses.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use deploy_tests::manifest::{Overlay, string_map};
 use deploy_tests::{repo_path, scratch_dir, tools};
+
+/// Masters of the cluster: each owns a third of the slots.
+const MASTERS: usize = 3;
+
+/// Replicas per master, as production's bootstrap Job gets it from the `redis-env` ConfigMap.
+fn replicas_per_master() -> usize {
+    let rendered = Overlay::Production.rendered();
+    let job = rendered.get("Job", "redis-cluster-bootstrap");
+    let sources = job.pointer("/spec/template/spec/containers/0/envFrom");
+    let sources = sources
+        .and_then(|s| s.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let value = sources.iter().find_map(|source| {
+        let name = source.pointer("/configMapRef/name")?.as_str()?;
+        let data = string_map(rendered.get("ConfigMap", name).pointer("/data"));
+        data.get("REDIS_CLUSTER_REPLICAS").cloned()
+    });
+    let value = value.expect("the bootstrap Job is given REDIS_CLUSTER_REPLICAS");
+    value.parse().expect("REDIS_CLUSTER_REPLICAS is a number")
+}
 
 /// A port whose cluster-bus twin (port + 10000) is free as well.
 fn free_port() -> u16 {
@@ -125,23 +150,99 @@ fn nodes_list(ports: &[u16]) -> String {
         .join(" ")
 }
 
-fn dirs(base: &Path) -> [PathBuf; 3] {
-    [
-        base.join("node-0"),
-        base.join("node-1"),
-        base.join("node-2"),
-    ]
+fn dirs(base: &Path, count: usize) -> Vec<PathBuf> {
+    (0..count).map(|i| base.join(format!("node-{i}"))).collect()
+}
+
+fn free_ports(count: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < count {
+        let port = free_port();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+/// One line of CLUSTER NODES: id, port, whether it is a live master, its master's id, slots.
+struct ClusterNode {
+    id: String,
+    port: u16,
+    master: bool,
+    master_id: String,
+    slots: Vec<(u16, u16)>,
+}
+
+fn cluster_nodes(port: u16) -> Vec<ClusterNode> {
+    cli(port, &["cluster", "nodes"])
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let address = fields[1].split('@').next().unwrap();
+            let node_port = address.rsplit(':').next().unwrap().parse().unwrap_or(0);
+            let flags = fields[2];
+            let slots = fields[8..]
+                .iter()
+                .filter(|slot| !slot.starts_with('['))
+                .map(|range| match range.split_once('-') {
+                    Some((from, to)) => (from.parse().unwrap(), to.parse().unwrap()),
+                    None => (range.parse().unwrap(), range.parse().unwrap()),
+                })
+                .collect();
+            ClusterNode {
+                id: fields[0].to_owned(),
+                port: node_port,
+                master: flags.contains("master") && !flags.contains("fail"),
+                master_id: fields[3].to_owned(),
+                slots,
+            }
+        })
+        .collect()
+}
+
+/// Runs `ready.sh` (the readiness probe) against the node on `port`.
+fn ready(port: u16) -> bool {
+    let probe = run_script("k8s/redis/ready.sh", &[("REDIS_PORT", port.to_string())]);
+    probe.status.success()
+}
+
+/// A key whose slot lies in `from..=to`.
+fn key_in(port: u16, (from, to): (u16, u16)) -> String {
+    (0..)
+        .map(|n| format!("probe:{n}"))
+        .find(|key| {
+            let slot: u16 = cli(port, &["cluster", "keyslot", key])
+                .trim()
+                .parse()
+                .unwrap();
+            (from..=to).contains(&slot)
+        })
+        .unwrap()
+}
+
+/// A command through the cluster (redis-cli follows redirects), answered by way of `port`.
+fn cluster_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new(tools::require("redis-cli"))
+        .args(["-c", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("running redis-cli");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 #[test]
 fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
     let _ = tools::require("redis-cli");
     let base = scratch_dir!("redis-cluster");
-    let dirs = dirs(&base);
-    let ports = [free_port(), free_port(), free_port()];
-    let nodes: Vec<Node> = dirs
+    let per_master = replicas_per_master();
+    let count = MASTERS * (1 + per_master);
+    let dirs = dirs(&base, count);
+    let ports = free_ports(count);
+    let mut nodes: Vec<Node> = dirs
         .iter()
-        .zip(ports)
+        .zip(ports.iter().copied())
         .map(|(dir, port)| Node::start(dir, port))
         .collect();
 
@@ -169,6 +270,7 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
     // First run: forms the cluster.
     let env = [
         ("REDIS_NODES", nodes_list(&ports)),
+        ("REDIS_CLUSTER_REPLICAS", per_master.to_string()),
         ("BOOTSTRAP_TIMEOUT_SECONDS", "60".to_owned()),
     ];
     let first = run_script("k8s/redis/bootstrap.sh", &env);
@@ -176,12 +278,45 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
         + &String::from_utf8_lossy(&first.stderr);
     assert!(first.status.success(), "bootstrap failed:\n{log}");
     assert!(log.contains("creating the cluster"), "{log}");
-    for port in ports {
+    for &port in &ports {
         wait_until("cluster_state:ok", Duration::from_secs(30), || {
             info_field(port, "cluster_state") == "ok"
         });
         assert_eq!(info_field(port, "cluster_slots_assigned"), "16384");
-        assert_eq!(info_field(port, "cluster_known_nodes"), "3");
+        assert_eq!(info_field(port, "cluster_known_nodes"), count.to_string());
+    }
+    // Three masters, each with its replicas, once every node's view has caught up.
+    let roles_settled = |port: u16| {
+        let view = cluster_nodes(port);
+        let masters: Vec<&ClusterNode> = view.iter().filter(|n| n.master).collect();
+        masters.len() == MASTERS
+            && masters
+                .iter()
+                .all(|m| view.iter().filter(|n| n.master_id == m.id).count() == per_master)
+    };
+    for &port in &ports {
+        wait_until("masters and replicas", Duration::from_secs(30), || {
+            roles_settled(port)
+        });
+    }
+    let view = cluster_nodes(ports[0]);
+    let masters: Vec<&ClusterNode> = view.iter().filter(|n| n.master).collect();
+    assert_eq!(masters.len(), MASTERS, "masters");
+    for master in &masters {
+        let replicas = view.iter().filter(|n| n.master_id == master.id).count();
+        assert_eq!(
+            replicas, per_master,
+            "replicas of the master on {}",
+            master.port
+        );
+    }
+    // Ready (the readiness probe) once every replica is in sync.
+    for &port in &ports {
+        wait_until(
+            &format!("node {port} ready"),
+            Duration::from_secs(30),
+            || ready(port),
+        );
     }
 
     // Second run (every later `kubectl apply`): nothing to do.
@@ -193,29 +328,112 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
     );
 
     // An activity's keys share a slot, so one script can touch them all.
-    let set = Command::new(tools::require("redis-cli"))
-        .args([
-            "-c",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &ports[0].to_string(),
-            "set",
-            "fs:{act:1}:stock",
-            "10000",
-        ])
-        .output()
+    assert_eq!(
+        cluster_cli(ports[0], &["set", "fs:{act:1}:stock", "10000"]),
+        "OK"
+    );
+
+    // A drain takes one node: here the master of that key dies outright (kill -9).
+    let slot: u16 = cli(ports[0], &["cluster", "keyslot", "fs:{act:1}:stock"])
+        .trim()
+        .parse()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "OK");
+    let owner = masters
+        .iter()
+        .find(|m| {
+            m.slots
+                .iter()
+                .any(|&(from, to)| (from..=to).contains(&slot))
+        })
+        .expect("a master owns the slot");
+    let (owner_id, owner_port) = (owner.id.clone(), owner.port);
+    let replica_port = view.iter().find(|n| n.master_id == owner_id).unwrap().port;
+    // The replica has the write before its master goes.
+    assert_eq!(
+        cli(owner_port, &["wait", &per_master.to_string(), "5000"]).trim(),
+        per_master.to_string()
+    );
+    let index = ports.iter().position(|&p| p == owner_port).unwrap();
+    let mut killed = nodes.remove(index);
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    drop(killed);
+    // Until it takes over, the replica is not ready: a drain may not evict it too (the budget
+    // counts it as missing).
+    wait_until(
+        "the orphaned replica to turn unready",
+        Duration::from_secs(4),
+        || !ready(replica_port),
+    );
+    // It takes over, and every slot range answers again, on every surviving node.
+    let survivors: Vec<u16> = ports.iter().copied().filter(|&p| p != owner_port).collect();
+    wait_until("the replica's failover", Duration::from_secs(60), || {
+        survivors.iter().all(|&port| {
+            let view = cluster_nodes(port);
+            let promoted = view.iter().any(|n| n.port == replica_port && n.master);
+            promoted && info_field(port, "cluster_state") == "ok"
+        })
+    });
+    let after = cluster_nodes(replica_port);
+    let promoted = after.iter().find(|n| n.port == replica_port).unwrap();
+    assert!(promoted.master, "the replica took over its master's slots");
+    let ranges: Vec<(u16, u16)> = after
+        .iter()
+        .filter(|n| n.master)
+        .flat_map(|n| n.slots.iter().copied())
+        .collect();
+    let covered: u32 = ranges
+        .iter()
+        .map(|&(from, to)| u32::from(to - from) + 1)
+        .sum();
+    assert_eq!(covered, 16384, "every slot served by a live master");
+    // Each command may be retried for a while: on a loaded machine a live node can miss
+    // heartbeats and the cluster refuse commands for a moment; it must answer again.
+    let answers = |port: u16, args: &[&str], wanted: &str| {
+        let mut last = String::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            last = cluster_cli(port, args);
+            if last == wanted {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let view = cli(port, &["cluster", "nodes"]);
+        panic!("{args:?} via {port}: {last:?}, not {wanted:?}; cluster nodes:\n{view}");
+    };
+    for &range in &ranges {
+        let key = key_in(replica_port, range);
+        for &port in &survivors {
+            answers(port, &["set", &key, "v"], "OK");
+            answers(port, &["get", &key], "v");
+        }
+    }
+    // The killed master's write is there, from its replica.
+    answers(survivors[0], &["get", "fs:{act:1}:stock"], "10000");
+    assert!(ready(replica_port), "the promoted node is ready");
+
+    // The killed node comes back with its volume, follows the node that took over, and is
+    // ready once in sync.
+    nodes.insert(index, Node::start(&dirs[index], owner_port));
+    wait_until(
+        "the old master back as a ready replica",
+        Duration::from_secs(60),
+        || {
+            let me = cluster_nodes(owner_port);
+            let me = me.iter().find(|n| n.port == owner_port);
+            me.is_some_and(|n| !n.master && n.master_id == promoted.id) && ready(owner_port)
+        },
+    );
 
     // Every node stops and comes back on a new port: each nodes.conf now points at dead peers.
     for node in nodes {
         node.stop();
     }
-    let moved = [free_port(), free_port(), free_port()];
+    let moved = free_ports(count);
     let nodes: Vec<Node> = dirs
         .iter()
-        .zip(moved)
+        .zip(moved.iter().copied())
         .map(|(dir, port)| Node::start(dir, port))
         .collect();
     let stale = cli(moved[1], &["cluster", "nodes"]);
@@ -237,7 +455,7 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
         "rejoin.sh failed: {}",
         String::from_utf8_lossy(&hook.stderr)
     );
-    for port in moved {
+    for &port in &moved {
         wait_until(
             &format!("node {port} to see the moved cluster"),
             Duration::from_secs(60),

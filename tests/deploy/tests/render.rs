@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use deploy_tests::manifest::{Object, Overlay, to_yaml};
+use deploy_tests::manifest::{Object, Overlay};
 use deploy_tests::tools;
 use serde_json::{Value, json};
 
@@ -93,9 +93,11 @@ fn rollout_template_as_deployment(rollout: &Object) -> Value {
 /// Runs `kubernetes-validate --strict` over `documents`; returns the failure, if any.
 fn validate_strictly(name: &str, documents: &[Value]) -> Result<(), String> {
     let file = deploy_tests::scratch_dir!(&format!("validate-{name}")).join("objects.yaml");
+    // Each document as JSON (which is YAML): serde_yaml writes the string "on" unquoted, and
+    // kubernetes-validate's YAML 1.1 reader would take it for a boolean.
     let stream: String = documents
         .iter()
-        .map(|doc| format!("---\n{}", to_yaml(doc)))
+        .map(|doc| format!("---\n{}\n", serde_json::to_string_pretty(doc).unwrap()))
         .collect();
     std::fs::write(&file, stream).expect("writing the objects");
     let output = Command::new(tools::kubernetes_validate())
