@@ -246,21 +246,26 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
                     let answer = match http.post(&url).json(&body).send().await {
                         Ok(res) => {
                             let status = res.status().as_u16();
+                            let blocked = res
+                                .headers()
+                                .get(gateway::error::BLOCKED_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
                             let body: Value = res.json().await.unwrap_or(Value::Null);
                             part.latencies.push(t.elapsed());
-                            Some((status, body))
+                            Some((status, body, blocked))
                         }
                         Err(_) => None,
                     };
                     let retryable = answer
                         .as_ref()
-                        .is_none_or(|(status, _)| *status >= 500 || *status == 429);
+                        .is_none_or(|(status, _, _)| *status >= 500 || *status == 429);
                     if retryable && Instant::now() < give_up {
                         part.retries += 1;
                         tokio::time::sleep(RETRY_PAUSE).await;
                         continue;
                     }
-                    let Some((status, body)) = answer else {
+                    let Some((status, body, blocked)) = answer else {
                         part.transport_errors += 1;
                         break;
                     };
@@ -272,7 +277,11 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
                             }
                             "202 ACCEPTED".to_owned()
                         }
-                        (s, Some(code)) => format!("{s} {code}"),
+                        // A refusal the gateway decided by itself names its rule.
+                        (s, Some(code)) => match &blocked {
+                            Some(reason) => format!("{s} {code} (gateway: {reason})"),
+                            None => format!("{s} {code}"),
+                        },
                         (s, None) => format!("{s} (no error code)"),
                     };
                     *part.outcomes.entry(key).or_default() += 1;
@@ -735,9 +744,12 @@ pub async fn after_the_sale(
                     })
                 }
                 7 => {
+                    // The header for order-service, the body for a gateway in development
+                    // mode (which drops a client's x-user-id).
                     let res = http
                         .post(format!("{base}{}", api::order::cancel(no)))
                         .header(api::USER_HEADER, user.to_string())
+                        .json(&json!({"userId": user.to_string()}))
                         .send()
                         .await?;
                     Ok(if res.status().is_success() {
