@@ -735,30 +735,46 @@ pub async fn after_the_sale(
     let acts = accepted.iter().enumerate().map(|(i, (no, user))| {
         let (http, base) = (http.clone(), base.clone());
         async move {
-            match i % 10 {
-                0..=6 => {
-                    let answer = pay.pay(no, price_cents, 1, &format!("sale-{no}")).await?;
-                    Ok::<_, anyhow::Error>(match answer {
-                        crate::payments::Confirmation::Paid(_) => "paid",
-                        _ => "payment refused",
-                    })
+            // Through the gateway both share the buy path's flow rules: a provider retries a
+            // callback turned away with a 429 or a 5xx, and so does a buyer's cancel.
+            let give_up = Instant::now() + Duration::from_secs(30);
+            loop {
+                let (done, retry) = match i % 10 {
+                    0..=6 => {
+                        let answer = pay.pay(no, price_cents, 1, &format!("sale-{no}")).await?;
+                        match answer {
+                            crate::payments::Confirmation::Paid(_) => ("paid", false),
+                            crate::payments::Confirmation::Refused(status, _)
+                                if status == 429 || status >= 500 =>
+                            {
+                                ("payment refused", true)
+                            }
+                            _ => ("payment refused", false),
+                        }
+                    }
+                    7 => {
+                        // The header for order-service, the body for a gateway in development
+                        // mode (which drops a client's x-user-id).
+                        let res = http
+                            .post(format!("{base}{}", api::order::cancel(no)))
+                            .header(api::USER_HEADER, user.to_string())
+                            .json(&json!({"userId": user.to_string()}))
+                            .send()
+                            .await?;
+                        let status = res.status().as_u16();
+                        if res.status().is_success() {
+                            ("cancelled", false)
+                        } else {
+                            ("cancel refused", status == 429 || status >= 500)
+                        }
+                    }
+                    _ => ("left", false),
+                };
+                if retry && Instant::now() < give_up {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
                 }
-                7 => {
-                    // The header for order-service, the body for a gateway in development
-                    // mode (which drops a client's x-user-id).
-                    let res = http
-                        .post(format!("{base}{}", api::order::cancel(no)))
-                        .header(api::USER_HEADER, user.to_string())
-                        .json(&json!({"userId": user.to_string()}))
-                        .send()
-                        .await?;
-                    Ok(if res.status().is_success() {
-                        "cancelled"
-                    } else {
-                        "cancel refused"
-                    })
-                }
-                _ => Ok("left"),
+                return Ok::<_, anyhow::Error>(done);
             }
         }
     });
