@@ -97,6 +97,17 @@ pub struct StockReturn {
     pub quantity: Quantity,
 }
 
+impl StockReturn {
+    /// From the `order_no, user_id, quantity` columns of a row; `None` if one is malformed.
+    pub fn from_row(order_no: &str, user: i64, quantity: i32) -> Option<Self> {
+        Some(Self {
+            order_no: OrderNo::parse(order_no).ok()?,
+            user: UserId::new(user)?,
+            quantity: Quantity::new(u32::try_from(quantity).ok()?)?,
+        })
+    }
+}
+
 /// Returns MySQL has made and Redis may not have applied yet, oldest first, grouped by activity.
 pub async fn unapplied_returns(
     db: &MySqlPool,
@@ -112,22 +123,14 @@ pub async fn unapplied_returns(
     let mut by_activity: std::collections::BTreeMap<ActivityId, Vec<StockReturn>> =
         Default::default();
     for (no, user, quantity) in rows {
-        let parsed = OrderNo::parse(&no)
-            .ok()
-            .zip(UserId::new(user))
-            .zip(u32::try_from(quantity).ok().and_then(Quantity::new));
-        let Some(((order_no, user), quantity)) = parsed else {
+        let Some(r) = StockReturn::from_row(&no, user, quantity) else {
             tracing::error!(order_no = no, "malformed stock_returns row skipped");
             continue;
         };
         by_activity
-            .entry(order_no.activity())
+            .entry(r.order_no.activity())
             .or_default()
-            .push(StockReturn {
-                order_no,
-                user,
-                quantity,
-            });
+            .push(r);
     }
     Ok(by_activity.into_iter().collect())
 }

@@ -20,10 +20,17 @@ use flash_sale_common::domain::{ActivityId, OrderNo, OrderStatus, Quantity, User
 use flash_sale_common::redis::{Redis, RestoreOutcome};
 use sqlx::{MySqlPool, QueryBuilder};
 
-const CREATED: i8 = 0;
-const PAID: i8 = 1;
-const CANCELLED: i8 = 2;
-const EXPIRED: i8 = 3;
+/// `orders.status` codes, from the one table in `OrderStatus`.
+const fn code(status: OrderStatus) -> i8 {
+    match status.code() {
+        Some(code) => code,
+        None => panic!("PENDING is not stored"),
+    }
+}
+const CREATED: i8 = code(OrderStatus::Created);
+const PAID: i8 = code(OrderStatus::Paid);
+const CANCELLED: i8 = code(OrderStatus::Cancelled);
+const EXPIRED: i8 = code(OrderStatus::Expired);
 
 /// One row of `orders`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,11 +283,11 @@ async fn expire_one(db: &MySqlPool, redis: &Redis, order_no: &OrderNo) -> Result
     .fetch_optional(&mut *tx)
     .await?;
     let Some(returns) = row.and_then(|(user, quantity)| {
-        Some(vec![StockReturn {
-            order_no: order_no.clone(),
-            user: UserId::new(user)?,
-            quantity: Quantity::new(u32::try_from(quantity).ok()?)?,
-        }])
+        Some(vec![StockReturn::from_row(
+            order_no.as_str(),
+            user,
+            quantity,
+        )?])
     }) else {
         return tx.rollback().await;
     };
@@ -313,13 +320,7 @@ async fn expire_due_once(db: &MySqlPool, redis: &Redis, batch: u32) -> Result<us
     .await?;
     let returns: Vec<StockReturn> = rows
         .into_iter()
-        .filter_map(|(no, user, quantity)| {
-            Some(StockReturn {
-                order_no: OrderNo::parse(&no).ok()?,
-                user: UserId::new(user)?,
-                quantity: Quantity::new(u32::try_from(quantity).ok()?)?,
-            })
-        })
+        .filter_map(|(no, user, quantity)| StockReturn::from_row(&no, user, quantity))
         .collect();
     if returns.is_empty() {
         tx.rollback().await?;
