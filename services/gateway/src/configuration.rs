@@ -174,6 +174,12 @@ pub struct ConnectionSettings {
     /// Most connections open at once from one peer address (behind the ingress, the peer is
     /// the ingress controller: size it for that, the ingress caps each client); 0: no cap.
     pub max_connections_per_ip: u32,
+    /// Most requests in flight at once from one client behind `proxy.trusted_proxy_hops`
+    /// proxies (the address the outermost trusted proxy saw); past it `429 RATE_LIMITED` and
+    /// the connection, the proxy's and shared by other clients, stays open. 0: no cap. Without
+    /// trusted proxies it is not used: the client is the peer, and one HTTP/1 connection has
+    /// one request in flight, so `max_connections_per_ip` bounds it.
+    pub max_requests_per_client: u32,
     /// Most header fields in a request; more is 431.
     pub max_headers: usize,
     /// Largest request head in bytes; larger is 431.
@@ -193,6 +199,7 @@ impl Default for ConnectionSettings {
             idle_timeout_ms: 75_000,
             max_connections: 0,
             max_connections_per_ip: 512,
+            max_requests_per_client: 64,
             max_headers: 64,
             max_head_bytes: 16 * 1024,
         }

@@ -8,6 +8,9 @@
 //! - **Caps.** A global cap (below the open-file limit, checked at start:
 //!   [`ConnectionSettings::check_file_limit`]) and a cap per peer address. Past either, the
 //!   connection is closed at once and counted (`gateway_connections_refused_total{reason}`).
+//!   Behind trusted proxies the peer is the proxy, so the cap per client counts the client's
+//!   requests in flight instead (`routes::proxy`, with [`PerAddress`]): past it a `429`, and the
+//!   proxy's connection, which other clients share, stays open.
 //! - **Accept errors.** `EMFILE`/`ENFILE` (no file descriptor left) and others are counted
 //!   (`gateway_accept_errors_total{kind}`), logged at most once per second, and waited out; the
 //!   listener never stops.
@@ -182,25 +185,66 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// Connections open per peer address.
-#[derive(Default)]
-struct PerIp {
-    open: DashMap<IpAddr, u32>,
+/// How many of something (connections, requests in flight) each address holds, under a cap.
+#[derive(Debug)]
+pub struct PerAddress {
+    held: DashMap<IpAddr, u32>,
+    max: u32,
+}
+
+impl PerAddress {
+    /// A cap of `max` per address; 0: no cap (nothing is counted).
+    pub fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self {
+            held: DashMap::new(),
+            max,
+        })
+    }
+
+    /// A place for `ip`, held until the [`Held`] is dropped; `None` when `ip` holds the cap.
+    /// Without a cap: a place that counts nothing.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Held> {
+        if self.max == 0 {
+            return Some(Held(None));
+        }
+        let mut held = self.held.entry(ip).or_insert(0);
+        if *held >= self.max {
+            return None;
+        }
+        *held += 1;
+        Some(Held(Some((self.clone(), ip))))
+    }
+
+    /// How many places `ip` holds.
+    #[cfg(test)]
+    fn held_by(&self, ip: IpAddr) -> u32 {
+        self.held.get(&ip).map_or(0, |n| *n)
+    }
+}
+
+/// One place under a [`PerAddress`] cap; dropping it frees it (and the address's entry with
+/// its last place, so addresses seen once do not pile up).
+pub struct Held(Option<(Arc<PerAddress>, IpAddr)>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some((per_address, ip)) = self.0.take() {
+            per_address.held.remove_if_mut(&ip, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
+    }
 }
 
 /// One connection's place under the caps; dropping it frees both.
 struct Admitted {
     _global: OwnedSemaphorePermit,
-    per_ip: Arc<PerIp>,
-    ip: IpAddr,
+    _per_ip: Held,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.per_ip.open.remove_if_mut(&self.ip, |_, n| {
-            *n -= 1;
-            *n == 0
-        });
         metrics::gauge!("gateway_connections_open").decrement(1);
     }
 }
@@ -208,16 +252,14 @@ impl Drop for Admitted {
 /// The caps on open connections.
 struct Caps {
     global: Arc<Semaphore>,
-    per_ip: Arc<PerIp>,
-    max_per_ip: u32,
+    per_ip: Arc<PerAddress>,
 }
 
 impl Caps {
     fn new(settings: &ConnectionSettings, max_connections: usize) -> Self {
         Self {
             global: Arc::new(Semaphore::new(max_connections)),
-            per_ip: Arc::new(PerIp::default()),
-            max_per_ip: settings.max_connections_per_ip,
+            per_ip: PerAddress::new(settings.max_connections_per_ip),
         }
     }
 
@@ -228,18 +270,11 @@ impl Caps {
             .clone()
             .try_acquire_owned()
             .map_err(|_| "global_cap")?;
-        if self.max_per_ip > 0 {
-            let mut open = self.per_ip.open.entry(ip).or_insert(0);
-            if *open >= self.max_per_ip {
-                return Err("ip_cap");
-            }
-            *open += 1;
-        }
+        let per_ip = self.per_ip.take(ip).ok_or("ip_cap")?;
         metrics::gauge!("gateway_connections_open").increment(1);
         Ok(Admitted {
             _global: global,
-            per_ip: self.per_ip.clone(),
-            ip,
+            _per_ip: per_ip,
         })
     }
 }
@@ -347,7 +382,7 @@ pub async fn serve(
 /// Every series of this module at zero, so a dashboard or an alert sees "none yet" rather than
 /// nothing (a `rate()` over a series that appears with its first event misses that event).
 fn describe_metrics() {
-    for reason in ["global_cap", "ip_cap"] {
+    for reason in ["global_cap", "ip_cap", "client_cap"] {
         metrics::counter!("gateway_connections_refused_total", "reason" => reason).increment(0);
     }
     for kind in ["emfile", "enfile", "other"] {
@@ -438,6 +473,29 @@ mod tests {
             }
             self.listener.accept().await
         }
+    }
+
+    #[test]
+    fn an_address_holds_at_most_its_cap_and_its_entry_goes_with_its_last_place() {
+        let caps = PerAddress::new(2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = caps.take(a).expect("first place");
+        let second = caps.take(a).expect("second place");
+        assert!(caps.take(a).is_none(), "a third is past the cap");
+        assert!(caps.take(b).is_some(), "another address has its own places");
+        drop(first);
+        let third = caps.take(a).expect("a freed place is taken again");
+        drop((second, third));
+        assert_eq!(caps.held_by(a), 0);
+        assert!(
+            caps.held.is_empty(),
+            "no entry left for addresses holding nothing"
+        );
+
+        let uncapped = PerAddress::new(0);
+        let places: Vec<_> = (0..1000).map(|_| uncapped.take(a).unwrap()).collect();
+        assert_eq!(places.len(), 1000);
+        assert!(uncapped.held.is_empty(), "without a cap nothing is counted");
     }
 
     #[tokio::test]

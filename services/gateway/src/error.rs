@@ -30,6 +30,9 @@ pub enum GatewayError {
     UnknownMethod,
     /// The buy path's body is JSON but not one object without a key twice.
     InvalidBody(String),
+    /// The client (behind trusted proxies) has `connections.max_requests_per_client` requests
+    /// in flight already.
+    ClientBusy,
     /// A flow rule refused the request.
     Blocked(Refusal),
     /// The upstream did not answer within the route's timeout.
@@ -92,6 +95,11 @@ impl IntoResponse for GatewayError {
                 ApiError::new(ErrorCode::RequestTimeout, "the body did not arrive in time")
             }
             Self::InvalidBody(reason) => ApiError::invalid(reason),
+            Self::ClientBusy => ApiError::new(
+                ErrorCode::RateLimited,
+                "too many requests in flight from this address; retry after the given delay",
+            )
+            .retry_after(1),
             Self::Blocked(refusal) => {
                 blocked = Some(refusal.reason.as_str());
                 refusal_error(&refusal)

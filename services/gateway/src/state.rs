@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::configuration::Settings;
+use crate::edge::PerAddress;
 use crate::flow::Flow;
 use crate::flow::RulesStore;
 use crate::flow::cluster::ClusterLimiter;
@@ -21,6 +22,8 @@ pub struct Shared {
     pub identity: Identity,
     pub upstream: Upstream,
     pub settings: Arc<Settings>,
+    /// Requests in flight per client behind trusted proxies (`connections.max_requests_per_client`).
+    pub clients: Arc<PerAddress>,
 }
 
 impl Deref for AppState {
@@ -55,6 +58,12 @@ impl AppState {
             identity: Identity::from_settings(&settings.auth)?,
             upstream: Upstream::new(&settings.upstreams, &settings.routes)?,
             settings: Arc::new(settings.clone()),
+            // Without trusted proxies the client is the TCP peer, which the connection cap bounds.
+            clients: PerAddress::new(if settings.proxy.trusted_proxy_hops > 0 {
+                settings.connections.max_requests_per_client
+            } else {
+                0
+            }),
         })))
     }
 

@@ -53,6 +53,15 @@ async fn handle(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
     let client_ip = client_ip(&request, peer, state.settings.proxy.trusted_proxy_hops);
+    // Held until the answer is on its way, so a slow body or a slow upstream holds it too.
+    let _in_flight = match client_ip {
+        Some(ip) => Some(state.clients.take(ip).ok_or_else(|| {
+            metrics::counter!("gateway_connections_refused_total", "reason" => "client_cap")
+                .increment(1);
+            GatewayError::ClientBusy
+        })?),
+        None => None,
+    };
     let (parts, body) = request.into_parts();
     let Parts {
         method,

@@ -248,6 +248,118 @@ async fn past_a_cap_a_connection_is_closed_at_once_and_others_still_connect() {
     assert!(counter(&global, "gateway_connections_open").await >= 4.0);
 }
 
+/// A GET from `client` as a proxy one hop in front would send it (the client's own claim left of
+/// the proxy's entry).
+fn forwarded_get(client: &str) -> Vec<u8> {
+    format!(
+        "GET /api/flash-sale/order/1-0123456789abcdef0123456789abcdef HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9, {client}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Reads one response head and body of `Content-Length` bytes, leaving the connection open.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+            .await
+            .expect("an answer within 3 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer: {:?}",
+            String::from_utf8_lossy(&text)
+        );
+        text.extend_from_slice(&buf[..n]);
+        let done = std::str::from_utf8(&text).ok().and_then(|t| {
+            let (head, body) = t.split_once("\r\n\r\n")?;
+            let length: usize = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })?;
+            (body.len() >= length).then_some(())
+        });
+        if done.is_some() {
+            return String::from_utf8(text).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_a_client_past_its_cap_gets_429_and_the_proxy_stays_connected() {
+    let edge = edge(|s| {
+        s.proxy.trusted_proxy_hops = 1;
+        s.connections.max_requests_per_client = 3;
+        s.connections.body_timeout_ms = 10_000;
+        s.connections.idle_timeout_ms = 20_000;
+    })
+    .await;
+    // The proxy (127.0.0.1) carries three of 198.51.100.7's requests whose bodies are slow to come.
+    let body = br#"{"userId":"1","activityId":1,"quantity":1}"#;
+    let (start, rest) = body.split_at(10);
+    let head = format!(
+        "POST /api/flash-sale/order/create HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.7\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect_from(edge.address, "127.0.0.1").await;
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(start).await.unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A fourth from the same client, on the proxy's shared connection, whatever it claims left
+    // of the proxy's entry: 429, and the connection stays open for the next client's request.
+    let mut shared = connect_from(edge.address, "127.0.0.1").await;
+    shared
+        .write_all(&forwarded_get("198.51.100.7"))
+        .await
+        .unwrap();
+    let refused = read_response(&mut shared).await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("RATE_LIMITED"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    shared
+        .write_all(&forwarded_get("198.51.100.8"))
+        .await
+        .unwrap();
+    let other = read_response(&mut shared).await;
+    assert!(
+        other.starts_with("HTTP/1.1 200"),
+        "another client is served: {other}"
+    );
+
+    // One of the slow bodies completes: forwarded, and the client has a place again.
+    let mut first = held.remove(0);
+    first.write_all(rest).await.unwrap();
+    let answered = read_response(&mut first).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    shared
+        .write_all(&forwarded_get("198.51.100.7"))
+        .await
+        .unwrap();
+    let again = read_response(&mut shared).await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+
+    let forwarded = edge.order.lock().unwrap().len();
+    assert_eq!(forwarded, 3, "the refused request was never forwarded");
+    assert_eq!(
+        counter(
+            &edge,
+            "gateway_connections_refused_total{reason=\"client_cap\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn hostile_requests_get_a_4xx_or_a_closed_connection_and_are_never_forwarded() {
     let edge = edge(|_| {}).await;
