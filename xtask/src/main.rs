@@ -6,7 +6,9 @@ mod canary;
 mod ci;
 mod drill;
 mod hostile;
+mod live;
 mod pay;
+mod report;
 mod sale;
 mod services;
 mod setup;
@@ -54,13 +56,16 @@ enum Command {
     /// Pay for an order of what `up` started, through the payment simulator (a stand-in for
     /// the provider's signed callback).
     Pay(pay::Args),
+    /// The report of a finished activity from MySQL and Redis: sold, a timeline, the drift,
+    /// the invariants (of what `up` started, or of the stores given).
+    Report(report::Args),
     /// Show what `up` started.
     Status,
-    /// Install redis-server, mariadb-server, hey, wrk and the nisshi broker if missing.
+    /// Install redis-server, mariadb-server, hey, wrk, chromium and the nisshi broker if missing.
     Setup,
     /// Every check and test (what .ci/run runs).
     Ci,
-    /// The production canary.
+    /// A canary (staging or production): its verdict, then promote or abort.
     Canary {
         #[command(subcommand)]
         command: canary::Command,
@@ -75,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up { foreground } => up::up(foreground),
         Command::Down => up::down(),
         Command::Pay(args) => pay::run(args),
+        Command::Report(args) => report::run(args),
         Command::Status => up::status(),
         Command::Setup => setup::run(),
         Command::Ci => ci::run(),

@@ -1,15 +1,20 @@
 //! The main job: a local flash sale, end to end, with its report.
 
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flash_sale_common::api;
-use flash_sale_tests::apps::http_client;
+use flash_sale_tests::apps::{buyer_clients, http_client};
 use flash_sale_tests::payments::PaymentSimulator;
-use flash_sale_tests::scenario::{Admin, SaleConfig, Stores, after_the_sale, drive_sale};
+use flash_sale_tests::report::{Phase, RunReport, Sampler};
+use flash_sale_tests::scenario::{
+    Admin, LoadProgress, LoadReport, SaleConfig, Stores, after_the_sale, drive_sale_with,
+};
 use flash_sale_tests::stack::{BrokerStorage, Stack};
 
+use crate::live::Live;
 use crate::services::{self, LOCAL_ADMIN_TOKEN, LOCAL_PAYMENT_SECRET};
 
 struct Options {
@@ -22,6 +27,11 @@ struct Options {
 /// How long a buyer refused with a 429 or a 5xx goes on trying, as people do: the gateway meters
 /// the flood (the seed's cluster-wide 1,000 requests/s), so a buyer turned away tries again.
 const BUYER_PATIENCE_MS: u64 = 60_000;
+
+/// Loopback addresses the buyers come from (127.0.1.1 and on): 1,000 buyers at once from one
+/// address would pass the gateway's cap of 512 connections per address, which is there for
+/// exactly that; 8 addresses hold 125 each.
+const BUYER_ADDRESSES: u8 = 8;
 
 /// The price of one item in the local sale, in cents.
 const PRICE_CENTS: i64 = 1999;
@@ -51,6 +61,42 @@ pub(crate) struct Args {
     /// once, as before the gateway was on the main job's path).
     #[arg(long)]
     direct: bool,
+}
+
+impl Options {
+    /// The run's settings, for the report.
+    fn settings(&self) -> Vec<(String, String)> {
+        vec![
+            ("items on sale".into(), self.sale.stock.to_string()),
+            (
+                "create-order requests".into(),
+                self.sale.requests.to_string(),
+            ),
+            (
+                "requests in flight".into(),
+                self.sale.concurrency.to_string(),
+            ),
+            (
+                "repeat buyers".into(),
+                format!("1 request in {}", self.sale.repeat_every),
+            ),
+            (
+                "buyers' way in".into(),
+                if self.direct {
+                    "order-service (--direct)"
+                } else {
+                    "the gateway"
+                }
+                .into(),
+            ),
+            (
+                "a refused buyer retries for".into(),
+                format!("{} s", self.sale.retry_ms / 1000),
+            ),
+            ("seconds to pay".into(), self.pay_timeout_secs.to_string()),
+            ("price".into(), format!("{PRICE_CENTS} cents")),
+        ]
+    }
 }
 
 impl Args {
@@ -117,6 +163,7 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         gateway.url()
     };
 
+    let mut written = None;
     let result = async {
         let http = http_client();
         let admin = Admin::new(http.clone(), &inventory_url, LOCAL_ADMIN_TOKEN);
@@ -137,21 +184,30 @@ async fn sale(o: Options) -> anyhow::Result<()> {
             o.sale.concurrency,
             o.sale.repeat_every
         );
-        let load = drive_sale(&http, &order_url, &o.sale).await;
-        println!("{load}");
         let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
+        let origin = Instant::now();
+        let sampler = Arc::new(Sampler::start(stores.clone(), o.sale.activity, origin));
+        let mut timeline = Timeline::new(origin);
+
+        let buyers = buyer_clients(BUYER_ADDRESSES)?;
+        let load = live_load("sale", &buyers, &order_url, &o.sale, &sampler).await;
+        timeline.mark("sale");
+        println!("{load}");
         let drained = stores
             .wait_for_drain(o.sale.activity, Duration::from_secs(300))
             .await?;
+        timeline.mark("drain");
         println!("queue drained {:.2} s after the load ended\n", drained.as_secs_f64());
 
         println!("2. after the sale: of every ten buyers, seven pay, one cancels, two let the order expire");
         let simulator = PaymentSimulator::new(http.clone(), &order_url, LOCAL_PAYMENT_SECRET);
         let after =
             after_the_sale(&http, &order_url, &simulator, PRICE_CENTS, &load.accepted).await?;
+        timeline.mark("pay / cancel");
         println!("{after}");
         let expiry = Duration::from_secs(o.pay_timeout_secs as u64 + 120);
         let waited = stores.wait_for_expiry(o.sale.activity, expiry).await?;
+        timeline.mark("expiry");
         let back = stores.redis_stock(o.sale.activity).await?;
         println!(
             "  unpaid orders expired and every return reached Redis {:.1} s later: {back} items back on sale\n",
@@ -170,11 +226,19 @@ async fn sale(o: Options) -> anyhow::Result<()> {
             "3. the second wave: {} new buyers send {} requests for the {back} items given back\n",
             second.requests, second.requests
         );
-        let wave = drive_sale(&http, &order_url, &second).await;
+        let wave = live_load("second wave", &buyers, &order_url, &second, &sampler).await;
+        timeline.mark("second wave");
         println!("{wave}");
         stores
             .wait_for_drain(o.sale.activity, Duration::from_secs(300))
             .await?;
+        timeline.mark("drain");
+        // One more sample after the drain, so the charts end on the settled state.
+        tokio::time::sleep(Sampler::EVERY + Duration::from_millis(100)).await;
+        let (samples, failed_samples) = Arc::into_inner(sampler)
+            .expect("the live views are done with the sampler")
+            .stop()
+            .await;
 
         let accepted: Vec<(String, i64)> =
             load.accepted.iter().chain(&wave.accepted).cloned().collect();
@@ -192,7 +256,35 @@ async fn sale(o: Options) -> anyhow::Result<()> {
                 "invariants": report,
             }))?,
         )?;
-        println!("full report: {}", report_path.display());
+        let page = RunReport {
+            title: format!(
+                "flash-sale: {} items, {} requests through {}",
+                o.sale.stock,
+                o.sale.requests,
+                if o.direct { "order-service" } else { "the gateway" }
+            ),
+            settings: o.settings(),
+            phases: timeline.phases,
+            loads: vec![
+                ("The sale".to_owned(), &load),
+                ("The second wave".to_owned(), &wave),
+            ],
+            samples,
+            failed_samples,
+            invariants: &report,
+            origin,
+            notes: vec![
+                ("paid".into(), after.paid.to_string()),
+                ("payments refused".into(), after.payments_refused.to_string()),
+                ("cancelled".into(), after.cancelled.to_string()),
+                ("cancels refused".into(), after.cancels_refused.to_string()),
+                ("left to expire".into(), after.left_to_expire.to_string()),
+                ("items back on sale".into(), back.to_string()),
+            ],
+        };
+        let html_path = root.join("report.html");
+        std::fs::write(&html_path, page.html())?;
+        written = Some((html_path.clone(), report_path.clone()));
         if o.hey {
             run_hey(&order_url)?;
         }
@@ -216,7 +308,53 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         services::stop(child);
     }
     drop(stack);
+    if let Some((html, json)) = written {
+        println!(
+            "\nthe report: {}\n  (its data as JSON: {})",
+            html.display(),
+            json.display()
+        );
+    }
     result
+}
+
+/// The phases of the run, each ending when [`Timeline::mark`] names it.
+struct Timeline {
+    origin: Instant,
+    phases: Vec<Phase>,
+}
+
+impl Timeline {
+    fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            phases: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &str) {
+        let start = self.phases.last().map_or(Duration::ZERO, |p| p.end);
+        self.phases.push(Phase {
+            name: name.to_owned(),
+            start,
+            end: self.origin.elapsed(),
+        });
+    }
+}
+
+/// One load with the live view over it.
+async fn live_load(
+    label: &str,
+    buyers: &[reqwest::Client],
+    url: &str,
+    config: &SaleConfig,
+    sampler: &Arc<Sampler>,
+) -> LoadReport {
+    let progress = Arc::new(LoadProgress::default());
+    let live = Live::start(label, config.requests, progress.clone(), sampler.clone());
+    let load = drive_sale_with(buyers, url, config, &progress).await;
+    live.finish().await;
+    load
 }
 
 /// The seed's hey command, against activity 2 (10000 items, warmed up the seed's way).

@@ -18,12 +18,27 @@ const APT: &[(&str, &str)] = &[
     ("mariadb-install-db", "mariadb-server"),
     ("hey", "hey"),
     ("wrk", "wrk"),
+    // The browser tests (the reports, the buyer's page), and a font for its screenshots.
+    ("chromium", "chromium"),
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
+
+/// A program on PATH, or for an absolute path, that file.
+fn present(what: &str) -> bool {
+    if what.starts_with('/') {
+        std::path::Path::new(what).is_file()
+    } else {
+        find_program(what).is_some()
+    }
+}
 
 pub(crate) fn run() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT
         .iter()
-        .filter(|(program, _)| find_program(program).is_none())
+        .filter(|(program, _)| !present(program))
         .map(|(_, package)| *package)
         .collect();
     if !missing.is_empty() {
@@ -41,7 +56,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         install_broker()?;
     }
     for (program, package) in APT {
-        if find_program(program).is_none() {
+        if !present(program) {
             bail!("{program} is still missing after installing {package}");
         }
     }

@@ -23,6 +23,11 @@ pub(crate) fn running() -> anyhow::Result<Running> {
 }
 
 impl Running {
+    /// The stack's servers.
+    pub(crate) fn stack(&self) -> &StackInfo {
+        &self.stack
+    }
+
     /// The gateway when it runs, else the named service.
     pub(crate) fn url_of(&self, name: &str) -> Option<String> {
         self.services

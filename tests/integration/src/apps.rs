@@ -209,6 +209,22 @@ impl TestApps {
     }
 }
 
+/// `n` clients like [`http_client`], each bound to its own loopback address (127.0.1.1 and on),
+/// so that a load of many buyers does not all come from one address: the gateway caps the
+/// connections of one address (`connections.max_connections_per_ip`), as it should a real one.
+pub fn buyer_clients(n: u8) -> anyhow::Result<Vec<reqwest::Client>> {
+    (1..=n.max(1))
+        .map(|i| {
+            Ok(reqwest::Client::builder()
+                .no_proxy()
+                .local_address(std::net::IpAddr::from([127, 0, 1, i]))
+                .pool_max_idle_per_host(1024)
+                .timeout(Duration::from_secs(30))
+                .build()?)
+        })
+        .collect()
+}
+
 /// A client with enough idle connections for load, and no proxy.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()

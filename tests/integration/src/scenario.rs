@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -170,6 +170,125 @@ pub struct LoadReport {
     pub retries: usize,
     /// Latency percentiles in ms: p50, p90, p99, max.
     pub latency_ms: [f64; 4],
+    /// Every answer, retried ones included, in no particular order (for the report's timeline;
+    /// not in the JSON report).
+    #[serde(skip)]
+    pub answers: Vec<Answer>,
+    /// When the load began (the origin of `Answer::at_ms`).
+    #[serde(skip)]
+    pub started: Option<Instant>,
+}
+
+/// What one answer was, for the timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AnswerKind {
+    Accepted,
+    SoldOut,
+    /// 429: a flow rule metered it (the buyer may try again).
+    Throttled,
+    OtherClientError,
+    ServerError,
+    NoAnswer,
+}
+
+impl AnswerKind {
+    pub const ALL: [Self; 6] = [
+        Self::Accepted,
+        Self::SoldOut,
+        Self::Throttled,
+        Self::OtherClientError,
+        Self::ServerError,
+        Self::NoAnswer,
+    ];
+
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            200..=299 => Self::Accepted,
+            409 => Self::SoldOut,
+            429 => Self::Throttled,
+            500.. => Self::ServerError,
+            _ => Self::OtherClientError,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted (2xx)",
+            Self::SoldOut => "sold out / ended (409)",
+            Self::Throttled => "throttled (429)",
+            Self::OtherClientError => "other 4xx",
+            Self::ServerError => "5xx",
+            Self::NoAnswer => "no answer",
+        }
+    }
+}
+
+/// One answer: when it came (ms after the load began), how long it took, what it was.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    pub at_ms: u32,
+    pub latency_us: u32,
+    pub kind: AnswerKind,
+}
+
+/// What a load has done so far, read while it runs (the live view) without a lock.
+#[derive(Debug)]
+pub struct LoadProgress {
+    /// Buyers whose tries are over.
+    pub buyers_done: AtomicUsize,
+    /// HTTP answers, retried ones included.
+    pub answers: AtomicUsize,
+    pub accepted: AtomicUsize,
+    /// Answers by latency: bucket `i` holds latencies in `[2^(i/4), 2^((i+1)/4))` µs.
+    latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+const LATENCY_BUCKETS: usize = 128;
+
+impl Default for LoadProgress {
+    fn default() -> Self {
+        Self {
+            buyers_done: AtomicUsize::new(0),
+            answers: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LoadProgress {
+    fn bucket(latency: Duration) -> usize {
+        let us = latency.as_micros().max(1) as f64;
+        ((us.log2() * 4.0) as usize).min(LATENCY_BUCKETS - 1)
+    }
+
+    fn record(&self, latency: Duration) {
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        self.latency[Self::bucket(latency)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..=1) of the latencies so far, in ms, to within a bucket (19 %):
+    /// the upper edge of the bucket it falls in. 0 before any answer.
+    pub fn latency_quantile_ms(&self, q: f64) -> f64 {
+        let counts: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = (total as f64 * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return 2f64.powf((i + 1) as f64 / 4.0) / 1000.0;
+            }
+        }
+        2f64.powf(LATENCY_BUCKETS as f64 / 4.0) / 1000.0
+    }
 }
 
 impl LoadReport {
@@ -225,14 +344,36 @@ impl fmt::Display for LoadReport {
 /// Sends `config.requests` create-order requests to `buy_url` (order-service or gateway base URL)
 /// from `config.concurrency` workers.
 pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConfig) -> LoadReport {
+    drive_sale_with(std::slice::from_ref(http), buy_url, config, &Arc::default()).await
+}
+
+/// [`drive_sale`] with the buyers spread over `clients` (worker `i` uses client `i % n`),
+/// counting into `progress` as it goes.
+pub async fn drive_sale_with(
+    clients: &[reqwest::Client],
+    buy_url: &str,
+    config: &SaleConfig,
+    progress: &Arc<LoadProgress>,
+) -> LoadReport {
     let url = format!("{}{}", buy_url.trim_end_matches('/'), api::order::CREATE);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..config.concurrency.max(1) {
-        let (http, url, next, config) = (http.clone(), url.clone(), next.clone(), config.clone());
+    for w in 0..config.concurrency.max(1) {
+        let http = clients[w % clients.len()].clone();
+        let (url, next, config) = (url.clone(), next.clone(), config.clone());
+        let progress = progress.clone();
         workers.push(tokio::spawn(async move {
             let mut part = Part::default();
+            let answered = |part: &mut Part, t: Instant, kind: AnswerKind| {
+                let latency = t.elapsed();
+                part.answers.push(Answer {
+                    at_ms: (t + latency - started).as_millis() as u32,
+                    latency_us: latency.as_micros().min(u32::MAX as u128) as u32,
+                    kind,
+                });
+                latency
+            };
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= config.requests {
@@ -252,10 +393,15 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
                                 .and_then(|v| v.to_str().ok())
                                 .map(str::to_owned);
                             let body: Value = res.json().await.unwrap_or(Value::Null);
-                            part.latencies.push(t.elapsed());
+                            let latency = answered(&mut part, t, AnswerKind::of_status(status));
+                            part.latencies.push(latency);
+                            progress.record(latency);
                             Some((status, body, blocked))
                         }
-                        Err(_) => None,
+                        Err(_) => {
+                            answered(&mut part, t, AnswerKind::NoAnswer);
+                            None
+                        }
                     };
                     let retryable = answer
                         .as_ref()
@@ -265,6 +411,7 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
                         tokio::time::sleep(RETRY_PAUSE).await;
                         continue;
                     }
+                    progress.buyers_done.fetch_add(1, Ordering::Relaxed);
                     let Some((status, body, blocked)) = answer else {
                         part.transport_errors += 1;
                         break;
@@ -274,6 +421,7 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
                             if let Some(no) = body.get("orderNo").and_then(Value::as_str) {
                                 part.accepted.push((no.to_owned(), user));
                                 part.accepted_at.push(Instant::now());
+                                progress.accepted.fetch_add(1, Ordering::Relaxed);
                             }
                             "202 ACCEPTED".to_owned()
                         }
@@ -292,6 +440,7 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
     }
     let mut report = LoadReport {
         requests: config.requests,
+        started: Some(started),
         ..LoadReport::default()
     };
     let mut latencies = Vec::with_capacity(config.requests);
@@ -300,6 +449,7 @@ pub async fn drive_sale(http: &reqwest::Client, buy_url: &str, config: &SaleConf
         latencies.extend(part.latencies);
         report.accepted.extend(part.accepted);
         report.accepted_at.extend(part.accepted_at);
+        report.answers.extend(part.answers);
         report.transport_errors += part.transport_errors;
         report.retries += part.retries;
         for (k, n) in part.outcomes {
@@ -323,6 +473,7 @@ struct Part {
     outcomes: BTreeMap<String, usize>,
     accepted: Vec<(String, i64)>,
     accepted_at: Vec<Instant>,
+    answers: Vec<Answer>,
     transport_errors: usize,
     retries: usize,
 }
@@ -334,6 +485,7 @@ fn keys(activity: i64) -> anyhow::Result<ActivityKeys> {
 }
 
 /// Direct access to the stores, for the drain wait and the invariant check.
+#[derive(Clone)]
 pub struct Stores {
     pub db: MySqlPool,
     pub redis: redis::aio::MultiplexedConnection,
@@ -552,7 +704,7 @@ impl Stores {
 }
 
 /// The invariants of docs/design.md, measured.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InvariantReport {
     /// All the stock ever put on sale.
     pub initial_stock: i64,
@@ -628,57 +780,78 @@ impl InvariantReport {
     }
 }
 
+impl InvariantReport {
+    /// Each invariant: its name, whether it holds, what was counted.
+    pub fn rows(&self) -> Vec<(&'static str, bool, String)> {
+        vec![
+            (
+                "1 no oversell",
+                self.no_oversell(),
+                format!(
+                    "live ordered {} <= stock ever on sale {}",
+                    self.ordered, self.initial_stock
+                ),
+            ),
+            (
+                "2 no lost order",
+                self.no_lost_order(),
+                format!(
+                    "{} accepted, {} missing from MySQL ({} orders in MySQL, {} of them never answered 2xx)",
+                    self.accepted,
+                    self.missing.len(),
+                    self.orders,
+                    self.unanswered_orders
+                ),
+            ),
+            (
+                "3 no duplicate",
+                self.no_duplicate(),
+                format!(
+                    "{} users with more than one live order",
+                    self.duplicate_users
+                ),
+            ),
+            (
+                "4 conservation",
+                self.conservation(),
+                format!(
+                    "Redis stock {} + live ordered {} = {}, MySQL stock {} + live ordered = {} (on sale {}), {} reservations pending, {} returns not in Redis",
+                    self.redis_stock,
+                    self.ordered,
+                    self.redis_stock + self.ordered,
+                    self.mysql_stock,
+                    self.mysql_stock + self.ordered,
+                    self.initial_stock,
+                    self.pending,
+                    self.unapplied_returns
+                ),
+            ),
+            (
+                "6 returns once",
+                self.returns_exactly_once(),
+                format!(
+                    "{} paid, {} cancelled, {} expired; {} returns ({} items); {} paid and {} live orders returned, {} closed orders not returned",
+                    self.paid,
+                    self.cancelled,
+                    self.expired,
+                    self.returns,
+                    self.returned_quantity,
+                    self.paid_returned,
+                    self.live_returned,
+                    self.closed_not_returned
+                ),
+            ),
+        ]
+    }
+}
+
 impl fmt::Display for InvariantReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mark = |ok: bool| if ok { "ok  " } else { "FAIL" };
-        writeln!(
-            f,
-            "[{}] 1 no oversell     live ordered {} <= stock ever on sale {}",
-            mark(self.no_oversell()),
-            self.ordered,
-            self.initial_stock
-        )?;
-        writeln!(
-            f,
-            "[{}] 2 no lost order   {} accepted, {} missing from MySQL ({} orders in MySQL, {} of them never answered 2xx)",
-            mark(self.no_lost_order()),
-            self.accepted,
-            self.missing.len(),
-            self.orders,
-            self.unanswered_orders
-        )?;
-        writeln!(
-            f,
-            "[{}] 3 no duplicate    {} users with more than one live order",
-            mark(self.no_duplicate()),
-            self.duplicate_users
-        )?;
-        writeln!(
-            f,
-            "[{}] 4 conservation    Redis stock {} + live ordered {} = {}, MySQL stock {} + live ordered = {} (on sale {}), {} reservations pending, {} returns not in Redis",
-            mark(self.conservation()),
-            self.redis_stock,
-            self.ordered,
-            self.redis_stock + self.ordered,
-            self.mysql_stock,
-            self.mysql_stock + self.ordered,
-            self.initial_stock,
-            self.pending,
-            self.unapplied_returns
-        )?;
-        writeln!(
-            f,
-            "[{}] 6 returns once    {} paid, {} cancelled, {} expired; {} returns ({} items); {} paid and {} live orders returned, {} closed orders not returned",
-            mark(self.returns_exactly_once()),
-            self.paid,
-            self.cancelled,
-            self.expired,
-            self.returns,
-            self.returned_quantity,
-            self.paid_returned,
-            self.live_returned,
-            self.closed_not_returned
-        )
+        for (name, ok, detail) in self.rows() {
+            let mark = if ok { "ok  " } else { "FAIL" };
+            writeln!(f, "[{mark}] {name:<17} {detail}")?;
+        }
+        Ok(())
     }
 }
 

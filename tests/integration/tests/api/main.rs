@@ -12,4 +12,5 @@ mod hey;
 mod inventory;
 mod lifecycle;
 mod metric_names;
+mod report;
 mod sale;

@@ -1,0 +1,830 @@
+//! The sale's report as one self-contained HTML page (docs/report.md): charts over the run's
+//! timeline drawn by `plotters` into inline SVG, and tables of the invariant check, the phases,
+//! the settings and the machine. Also the sampler that polls the stores while the run goes on.
+//!
+//! The page carries a small script that checks, once the browser has laid it out, that every
+//! chart drew each of its series, and writes the verdict into `#render-check`: the browser test
+//! reads it from the DOM.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use plotters::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use crate::scenario::{AnswerKind, InvariantReport, LoadReport, Stores};
+
+/// What the stores held at one moment of the run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Since the run's origin.
+    pub at: Duration,
+    pub stock: i64,
+    pub orders: i64,
+    pub paid: i64,
+    /// Reservations Redis holds that are not in MySQL yet: the order queue, in orders.
+    pub queue: i64,
+}
+
+/// Polls the stores of one activity every [`Sampler::EVERY`] until stopped.
+pub struct Sampler {
+    latest: Arc<Mutex<Option<Sample>>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    failures: Arc<Mutex<usize>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    pub const EVERY: Duration = Duration::from_millis(500);
+
+    pub fn start(stores: Stores, activity: i64, origin: Instant) -> Self {
+        let latest = Arc::new(Mutex::new(None));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(0));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (latest, samples, failures, stop) = (
+                latest.clone(),
+                samples.clone(),
+                failures.clone(),
+                stop.clone(),
+            );
+            async move {
+                let mut tick = tokio::time::interval(Self::EVERY);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    match sample(&stores, activity, origin).await {
+                        Ok(s) => {
+                            *latest.lock().expect("sampler lock") = Some(s);
+                            samples.lock().expect("sampler lock").push(s);
+                        }
+                        // A store briefly unreachable: a gap in the charts, not a failed run.
+                        Err(_) => *failures.lock().expect("sampler lock") += 1,
+                    }
+                }
+            }
+        });
+        Self {
+            latest,
+            samples,
+            failures,
+            stop,
+            task,
+        }
+    }
+
+    /// The last sample taken, if any (the live view).
+    pub fn latest(&self) -> Option<Sample> {
+        *self.latest.lock().expect("sampler lock")
+    }
+
+    /// Stops sampling; the samples and how many failed.
+    pub async fn stop(self) -> (Vec<Sample>, usize) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        let samples = std::mem::take(&mut *self.samples.lock().expect("sampler lock"));
+        let failures = *self.failures.lock().expect("sampler lock");
+        (samples, failures)
+    }
+}
+
+async fn sample(stores: &Stores, activity: i64, origin: Instant) -> anyhow::Result<Sample> {
+    let at = origin.elapsed();
+    Ok(Sample {
+        at,
+        stock: stores.redis_stock(activity).await?,
+        orders: stores.order_count(activity).await?,
+        paid: stores.order_count_in_status(activity, 1).await?,
+        queue: stores.pending(activity).await?,
+    })
+}
+
+/// A stretch of the run with a name (the sale, the drain...), shaded on every chart.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: String,
+    pub start: Duration,
+    pub end: Duration,
+}
+
+/// Everything the page shows.
+pub struct RunReport<'a> {
+    pub title: String,
+    /// The run's settings, as (name, value).
+    pub settings: Vec<(String, String)>,
+    pub phases: Vec<Phase>,
+    /// The loads with their name, each placed on the timeline by its own start.
+    pub loads: Vec<(String, &'a LoadReport)>,
+    pub samples: Vec<Sample>,
+    pub failed_samples: usize,
+    pub invariants: &'a InvariantReport,
+    /// When the run began (the origin of the timeline).
+    pub origin: Instant,
+    /// Other facts worth a line (the after-sale figures...).
+    pub notes: Vec<(String, String)>,
+}
+
+/// The answer charts' interval: about 150 over the run, 0.1 s at least.
+fn interval_of(run: Duration) -> Duration {
+    let ms = (run.as_millis() / 150).max(100);
+    Duration::from_millis((ms / 100 * 100) as u64)
+}
+
+/// One chart's lines: a label, a colour, points (seconds, value).
+type Series = (String, RGBColor, Vec<(f64, f64)>);
+
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(0x1b, 0x9e, 0x77),
+    RGBColor(0xd9, 0x5f, 0x02),
+    RGBColor(0x75, 0x70, 0xb3),
+    RGBColor(0xe7, 0x29, 0x8a),
+    RGBColor(0x66, 0xa6, 0x1e),
+    RGBColor(0x44, 0x44, 0x44),
+];
+
+impl RunReport<'_> {
+    /// Answers per interval over the run, by kind, and the latency percentiles per interval.
+    fn answer_series(&self) -> (Vec<Series>, Vec<Series>) {
+        let end = self.end();
+        let interval = interval_of(end);
+        let intervals = (end.as_millis() / interval.as_millis()) as usize + 1;
+        let mut counts = vec![[0u64; AnswerKind::ALL.len()]; intervals];
+        let mut latencies: Vec<Vec<u32>> = vec![Vec::new(); intervals];
+        for (_, load) in &self.loads {
+            let Some(started) = load.started else {
+                continue;
+            };
+            let offset = started.saturating_duration_since(self.origin);
+            for answer in &load.answers {
+                if answer.kind == AnswerKind::NoAnswer {
+                    // Counted as an outcome; the time until a transport error is no latency.
+                    let at = offset + Duration::from_millis(answer.at_ms.into());
+                    let i = ((at.as_millis() / interval.as_millis()) as usize).min(intervals - 1);
+                    counts[i][AnswerKind::ALL.len() - 1] += 1;
+                    continue;
+                }
+                let at = offset + Duration::from_millis(answer.at_ms.into());
+                let i = ((at.as_millis() / interval.as_millis()) as usize).min(intervals - 1);
+                let kind = AnswerKind::ALL
+                    .iter()
+                    .position(|k| *k == answer.kind)
+                    .expect("every kind is in ALL");
+                counts[i][kind] += 1;
+                latencies[i].push(answer.latency_us);
+            }
+        }
+        let per_sec = 1.0 / interval.as_secs_f64();
+        let x = |i: usize| (i as f64 + 0.5) * interval.as_secs_f64();
+        let rates = AnswerKind::ALL
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| counts.iter().any(|c| c[*k] > 0))
+            .map(|(k, kind)| {
+                let points = (0..intervals)
+                    .map(|i| (x(i), counts[i][k] as f64 * per_sec))
+                    .collect();
+                (kind.label().to_owned(), COLOURS[k], points)
+            })
+            .collect();
+        let mut percentiles: Vec<Series> = [("p50", 0.50), ("p90", 0.90), ("p99", 0.99)]
+            .iter()
+            .enumerate()
+            .map(|(c, (label, _))| ((*label).to_owned(), COLOURS[c], Vec::new()))
+            .collect();
+        for (i, mut l) in latencies.into_iter().enumerate() {
+            if l.is_empty() {
+                continue;
+            }
+            l.sort_unstable();
+            for (series, q) in percentiles.iter_mut().zip([0.50, 0.90, 0.99]) {
+                let at = ((l.len() as f64 * q) as usize).min(l.len() - 1);
+                series.2.push((x(i), f64::from(l[at]) / 1000.0));
+            }
+        }
+        (rates, percentiles)
+    }
+
+    /// The end of the run's last phase.
+    fn end(&self) -> Duration {
+        self.phases.iter().map(|p| p.end).max().unwrap_or_default()
+    }
+
+    fn sample_series(&self, pick: impl Fn(&Sample) -> i64, label: &str, colour: usize) -> Series {
+        let points = self
+            .samples
+            .iter()
+            .map(|s| (s.at.as_secs_f64(), pick(s) as f64))
+            .collect();
+        (label.to_owned(), COLOURS[colour], points)
+    }
+
+    /// The page.
+    pub fn html(&self) -> String {
+        let (rates, percentiles) = self.answer_series();
+        let latency_title = format!(
+            "Latency per {:.1} s interval",
+            interval_of(self.end()).as_secs_f64()
+        );
+        let charts = [
+            (
+                "Answers per second, by kind (retried tries included)",
+                "answers/s",
+                rates,
+            ),
+            (latency_title.as_str(), "ms", percentiles),
+            (
+                "Stock left in Redis",
+                "items",
+                vec![self.sample_series(|s| s.stock, "stock", 0)],
+            ),
+            (
+                "Orders in MySQL",
+                "orders",
+                vec![
+                    self.sample_series(|s| s.orders, "all", 2),
+                    self.sample_series(|s| s.paid, "paid", 1),
+                ],
+            ),
+            (
+                "Order queue (reserved in Redis, not yet in MySQL)",
+                "orders",
+                vec![self.sample_series(|s| s.queue, "queue", 3)],
+            ),
+        ];
+        let mut page = Page::new(&self.title);
+        page.verdict(self.invariants.all_hold());
+        page.heading("Timeline");
+        let axis = Axis {
+            desc: "seconds since the run began",
+            start: 0.0,
+            end: self.end().as_secs_f64(),
+            phases: &self.phases,
+        };
+        for (title, unit, series) in &charts {
+            page.chart(title, unit, &axis, series);
+        }
+        page.invariants(
+            self.invariants
+                .rows()
+                .into_iter()
+                .map(|(name, ok, detail)| (name, Some(ok), detail))
+                .collect(),
+        );
+        page.table(
+            "Phases",
+            &["phase", "from, s", "to, s"],
+            self.phases
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        format!("{:.1}", p.start.as_secs_f64()),
+                        format!("{:.1}", p.end.as_secs_f64()),
+                    ]
+                })
+                .collect(),
+        );
+        for (name, load) in &self.loads {
+            page.heading(name);
+            page.paragraph(&format!(
+                "{} requests in {:.2} s = {:.0} requests/s; latency ms p50 {:.1}, p90 {:.1}, p99 {:.1}, max {:.1}; {} tries repeated, {} without an answer",
+                load.requests,
+                load.elapsed.as_secs_f64(),
+                load.throughput(),
+                load.latency_ms[0],
+                load.latency_ms[1],
+                load.latency_ms[2],
+                load.latency_ms[3],
+                load.retries,
+                load.transport_errors
+            ));
+            page.table(
+                "",
+                &["outcome", "count"],
+                load.outcomes
+                    .iter()
+                    .map(|(k, n)| vec![k.clone(), n.to_string()])
+                    .collect(),
+            );
+        }
+        page.pairs("After the sale", &self.notes);
+        page.pairs("Settings", &self.settings);
+        page.pairs("Machine", &machine());
+        page.finish(&format!(
+            "{} samples of the stores every {} ms ({} failed).",
+            self.samples.len(),
+            Sampler::EVERY.as_millis(),
+            self.failed_samples
+        ))
+    }
+}
+
+/// A finished activity's report, from MySQL and Redis alone (`cargo xtask report --activity N`):
+/// what sold, a timeline from the orders' own timestamps, the drift between Redis and MySQL,
+/// and the invariants that can be checked after the fact.
+#[derive(Debug, Clone)]
+pub struct ActivityReport {
+    pub activity: i64,
+    /// The timeline's bucket: a minute, or a second for an activity shorter than ten minutes.
+    pub bucket_secs: i64,
+    /// Per bucket from the first order's: orders created, paid, closed (cancelled or expired).
+    pub timeline: Vec<[i64; 3]>,
+    pub first_order: Option<String>,
+    pub revenue_cents: i64,
+    pub invariants: InvariantReport,
+    /// What a reconcile pass answered, when the caller ran one (`--repair`).
+    pub repair: Option<String>,
+}
+
+impl ActivityReport {
+    /// Reads the activity; an activity MySQL does not know is an error.
+    pub async fn build(stores: &Stores, activity: i64) -> anyhow::Result<Self> {
+        let stock: Option<(i64,)> =
+            sqlx::query_as("SELECT CAST(stock AS SIGNED) FROM inventory WHERE activity_id = ?")
+                .bind(activity)
+                .fetch_optional(&stores.db)
+                .await?;
+        let Some((mysql_stock,)) = stock else {
+            anyhow::bail!("MySQL has no activity {activity}");
+        };
+        let (live, revenue, first, last): (i64, i64, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN status IN (0, 1) THEN quantity END), 0) AS SIGNED), \
+                    CAST(COALESCE(SUM(CASE WHEN status = 1 THEN amount_cents END), 0) AS SIGNED), \
+                    CAST(MIN(UNIX_TIMESTAMP(create_time)) AS SIGNED), \
+                    CAST(MAX(UNIX_TIMESTAMP(GREATEST(create_time, COALESCE(paid_at, create_time), COALESCE(closed_at, create_time)))) AS SIGNED) \
+             FROM orders WHERE activity_id = ?",
+        )
+        .bind(activity)
+        .fetch_one(&stores.db)
+        .await?;
+        let span = match (first, last) {
+            (Some(f), Some(l)) => l - f,
+            _ => 0,
+        };
+        let bucket_secs = if span >= 600 { 60 } else { 1 };
+        let origin = first.unwrap_or(0);
+        // One empty bucket on each side, so that even a one-second sale draws a line.
+        let buckets = (span / bucket_secs + 3) as usize;
+        let mut timeline = vec![[0i64; 3]; buckets];
+        for (column, at) in ["create_time", "paid_at", "closed_at"].iter().enumerate() {
+            let rows: Vec<(i64, i64)> = sqlx::query_as(&format!(
+                "SELECT CAST(FLOOR((UNIX_TIMESTAMP({at}) - ?) / ?) AS SIGNED) AS b, COUNT(*) \
+                 FROM orders WHERE activity_id = ? AND {at} IS NOT NULL GROUP BY b"
+            ))
+            .bind(origin)
+            .bind(bucket_secs)
+            .bind(activity)
+            .fetch_all(&stores.db)
+            .await?;
+            for (b, n) in rows {
+                let i = (b + 1).clamp(0, buckets as i64 - 1) as usize;
+                timeline[i][column] += n;
+            }
+        }
+        let orders: Vec<(String, i64)> =
+            sqlx::query_as("SELECT order_no, user_id FROM orders WHERE activity_id = ?")
+                .bind(activity)
+                .fetch_all(&stores.db)
+                .await?;
+        // The stock ever on sale is not kept apart: MySQL's stock plus its live orders.
+        let invariants = stores
+            .check_invariants(activity, mysql_stock + live, &orders)
+            .await?;
+        let first_order = match first {
+            Some(f) => chrono::DateTime::from_timestamp(f, 0).map(|t| t.to_rfc3339()),
+            None => None,
+        };
+        Ok(Self {
+            activity,
+            bucket_secs,
+            timeline,
+            first_order,
+            revenue_cents: revenue,
+            invariants,
+            repair: None,
+        })
+    }
+
+    /// Redis' stock minus MySQL's, once nothing is in flight between them (0: no drift).
+    pub fn drift(&self) -> i64 {
+        self.invariants.redis_stock - self.invariants.mysql_stock
+    }
+
+    /// The invariants as they can be checked after the sale, without the buyers' answers.
+    pub fn rows(&self) -> Vec<(&'static str, Option<bool>, String)> {
+        let r = &self.invariants;
+        r.rows()
+            .into_iter()
+            .map(|(name, ok, detail)| match name {
+                "1 no oversell" => (
+                    name,
+                    Some(r.mysql_stock >= 0 && r.redis_stock >= 0),
+                    format!(
+                        "MySQL stock {} and Redis stock {} not below 0 ({} live ordered)",
+                        r.mysql_stock, r.redis_stock, r.ordered
+                    ),
+                ),
+                "2 no lost order" => (
+                    name,
+                    None,
+                    "needs the buyers' answers: checked by the run that made the sale (cargo xtask sale, the drills)".to_owned(),
+                ),
+                "4 conservation" => (
+                    name,
+                    Some(ok),
+                    format!(
+                        "Redis stock {} against MySQL's {} (drift {}), {} reservations pending, {} returns not in Redis",
+                        r.redis_stock, r.mysql_stock, self.drift(), r.pending, r.unapplied_returns
+                    ),
+                ),
+                _ => (name, Some(ok), detail),
+            })
+            .collect()
+    }
+
+    pub fn all_hold(&self) -> bool {
+        self.rows().iter().all(|(_, ok, _)| ok.unwrap_or(true))
+    }
+
+    pub fn html(&self) -> String {
+        let unit = if self.bucket_secs == 60 {
+            "minute"
+        } else {
+            "second"
+        };
+        let mut page = Page::new(&format!("flash-sale: activity {}", self.activity));
+        page.verdict(self.all_hold());
+        // Bucket 0 is the empty one before the first order's.
+        let x = |i: usize| i as f64 - 1.0;
+        let series: Vec<Series> = ["created", "paid", "closed (cancelled or expired)"]
+            .iter()
+            .enumerate()
+            .map(|(c, label)| {
+                let points = self
+                    .timeline
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| (x(i), row[c] as f64))
+                    .collect();
+                ((*label).to_owned(), COLOURS[c], points)
+            })
+            .collect();
+        let desc = format!("{unit}s since the first order");
+        let axis = Axis {
+            desc: &desc,
+            start: -1.0,
+            end: x(self.timeline.len() - 1),
+            phases: &[],
+        };
+        page.heading("Timeline");
+        page.chart(
+            &format!("Orders per {unit}, from their timestamps"),
+            "orders",
+            &axis,
+            &series,
+        );
+        page.invariants(self.rows());
+        let r = &self.invariants;
+        let mut facts = vec![
+            (
+                "first order".to_owned(),
+                self.first_order.clone().unwrap_or_else(|| "none".into()),
+            ),
+            (
+                "stock ever on sale (MySQL's stock + live orders)".into(),
+                r.initial_stock.to_string(),
+            ),
+            ("sold (live orders)".into(), r.ordered.to_string()),
+            ("orders".into(), r.orders.to_string()),
+            ("paid".into(), r.paid.to_string()),
+            ("cancelled".into(), r.cancelled.to_string()),
+            ("expired".into(), r.expired.to_string()),
+            (
+                "revenue".into(),
+                format!("{:.2}", self.revenue_cents as f64 / 100.0),
+            ),
+            ("stock left in MySQL".into(), r.mysql_stock.to_string()),
+            ("stock left in Redis".into(), r.redis_stock.to_string()),
+            ("drift (Redis minus MySQL)".into(), self.drift().to_string()),
+        ];
+        if let Some(repair) = &self.repair {
+            facts.push(("reconcile pass (--repair)".into(), repair.clone()));
+        }
+        page.pairs("The activity", &facts);
+        page.finish("From MySQL and Redis, after the sale.")
+    }
+}
+
+/// The x axis every chart of a page shares.
+struct Axis<'a> {
+    desc: &'a str,
+    start: f64,
+    end: f64,
+    phases: &'a [Phase],
+}
+
+/// An HTML page built section by section, with the render check at its end.
+struct Page {
+    html: String,
+}
+
+impl Page {
+    fn new(title: &str) -> Self {
+        let title = escape(title);
+        let mut html = String::new();
+        let _ = write!(
+            html,
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>{STYLE}</style></head>\n<body>\n<h1>{title}</h1>\n"
+        );
+        Self { html }
+    }
+
+    fn verdict(&mut self, holds: bool) {
+        self.html.push_str(if holds {
+            "<p class=\"ok\">Every invariant checked holds.</p>\n"
+        } else {
+            "<p class=\"fail\">Invariants broken: see the table.</p>\n"
+        });
+        self.html
+            .push_str("<p id=\"render-check\">the page's check has not run</p>\n");
+    }
+
+    fn heading(&mut self, text: &str) {
+        let _ = writeln!(self.html, "<h2>{}</h2>", escape(text));
+    }
+
+    fn paragraph(&mut self, text: &str) {
+        let _ = writeln!(self.html, "<p>{}</p>", escape(text));
+    }
+
+    /// A chart in a figure that lists the colours of the series it must show (the check).
+    fn chart(&mut self, title: &str, unit: &str, axis: &Axis, series: &[Series]) {
+        let drawn: Vec<String> = series
+            .iter()
+            .filter(|s| s.2.len() >= 2)
+            .map(|s| hex(s.1))
+            .collect();
+        let _ = writeln!(
+            self.html,
+            "<figure class=\"chart\" data-title=\"{}\" data-series=\"{}\">{}</figure>",
+            escape(title),
+            drawn.join(" "),
+            chart(title, unit, axis, series)
+        );
+    }
+
+    /// The invariant table; `None`: not checkable here, with the reason as its detail.
+    fn invariants(&mut self, rows: Vec<(&str, Option<bool>, String)>) {
+        self.heading("Invariants");
+        self.html
+            .push_str("<table><tr><th></th><th>invariant</th><th>what was counted</th></tr>\n");
+        for (name, ok, detail) in rows {
+            let (class, mark) = match ok {
+                Some(true) => ("ok", "ok"),
+                Some(false) => ("fail", "FAIL"),
+                None => ("na", "n/a"),
+            };
+            let _ = writeln!(
+                self.html,
+                "<tr class=\"{class}\"><td>{mark}</td><td>{}</td><td>{}</td></tr>",
+                escape(name),
+                escape(&detail)
+            );
+        }
+        self.html.push_str("</table>\n");
+    }
+
+    fn table(&mut self, heading: &str, header: &[&str], rows: Vec<Vec<String>>) {
+        if !heading.is_empty() {
+            self.heading(heading);
+        }
+        self.html.push_str("<table><tr>");
+        for h in header {
+            let _ = write!(self.html, "<th>{}</th>", escape(h));
+        }
+        self.html.push_str("</tr>\n");
+        for row in rows {
+            self.html.push_str("<tr>");
+            for cell in row {
+                let _ = write!(self.html, "<td>{}</td>", escape(&cell));
+            }
+            self.html.push_str("</tr>\n");
+        }
+        self.html.push_str("</table>\n");
+    }
+
+    /// A table of (name, value), left out when empty.
+    fn pairs(&mut self, heading: &str, rows: &[(String, String)]) {
+        if rows.is_empty() {
+            return;
+        }
+        self.table(
+            heading,
+            &[],
+            rows.iter()
+                .map(|(k, v)| vec![k.clone(), v.clone()])
+                .collect(),
+        );
+    }
+
+    fn finish(mut self, footer: &str) -> String {
+        let _ = write!(
+            self.html,
+            "<p class=\"small\">{}</p>\n<script>{CHECK}</script>\n</body></html>\n",
+            escape(footer)
+        );
+        self.html
+    }
+}
+
+/// One chart as inline SVG: its series over the axis, the phases shaded behind them.
+fn chart(title: &str, unit: &str, axis: &Axis, series: &[Series]) -> String {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (960, 280)).into_drawing_area();
+        let _ = root.fill(&WHITE);
+        let end = axis.end.max(axis.start + 1.0);
+        let top = series
+            .iter()
+            .flat_map(|s| s.2.iter().map(|p| p.1))
+            .fold(1.0, f64::max)
+            * 1.1;
+        let chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(64)
+            .build_cartesian_2d(axis.start..end, 0.0..top);
+        let Ok(mut chart) = chart else {
+            return svg_error(title);
+        };
+        let _ = chart
+            .configure_mesh()
+            .x_desc(axis.desc)
+            .y_desc(unit)
+            .light_line_style(RGBColor(0xee, 0xee, 0xee))
+            .draw();
+        for (i, phase) in axis.phases.iter().enumerate() {
+            let shade = if i % 2 == 0 {
+                RGBColor(0xf2, 0xf6, 0xfb)
+            } else {
+                RGBColor(0xfb, 0xf7, 0xf0)
+            };
+            let _ = chart.draw_series(std::iter::once(Rectangle::new(
+                [
+                    (phase.start.as_secs_f64(), 0.0),
+                    (phase.end.as_secs_f64(), top),
+                ],
+                shade.filled(),
+            )));
+            // A name only where it has room: a phase of a few pixels would print over the next.
+            if (phase.end - phase.start).as_secs_f64() < (end - axis.start) * 0.06 {
+                continue;
+            }
+            let _ = chart.draw_series(std::iter::once(Text::new(
+                phase.name.clone(),
+                (phase.start.as_secs_f64(), top * 0.97),
+                ("sans-serif", 12)
+                    .into_font()
+                    .color(&RGBColor(0x88, 0x88, 0x88)),
+            )));
+        }
+        let mut drawn = 0;
+        for (label, colour, points) in series {
+            if points.len() < 2 {
+                continue;
+            }
+            drawn += 1;
+            let colour = *colour;
+            for (i, run) in runs(points).into_iter().enumerate() {
+                let Ok(s) =
+                    chart.draw_series(LineSeries::new(run.iter().copied(), colour.stroke_width(2)))
+                else {
+                    continue;
+                };
+                if i == 0 {
+                    s.label(label.as_str()).legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 4), (x + 14, y + 4)], colour.filled())
+                    });
+                }
+            }
+        }
+        if drawn == 0 {
+            let _ = root.draw(&Text::new(
+                "no data",
+                (440, 140),
+                ("sans-serif", 20).into_font(),
+            ));
+        } else {
+            let _ = chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(0xcc, 0xcc, 0xcc))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw();
+        }
+        let _ = root.present();
+    }
+    svg
+}
+
+/// The stretches of `points` without a gap: a gap (no data for more than three of the
+/// series' steps) breaks the line rather than drawing a slope across it.
+fn runs(points: &[(f64, f64)]) -> Vec<&[(f64, f64)]> {
+    let step = points
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .fold(f64::INFINITY, f64::min);
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..points.len() {
+        if points[i].0 - points[i - 1].0 > 3.0 * step {
+            runs.push(&points[start..i]);
+            start = i;
+        }
+    }
+    runs.push(&points[start..]);
+    runs
+}
+
+/// A colour as plotters writes it in SVG (`#1B9E77`).
+fn hex(c: RGBColor) -> String {
+    format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2)
+}
+
+fn svg_error(title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"960\" height=\"40\"><text x=\"8\" y=\"24\">{}: the chart could not be drawn</text></svg>",
+        escape(title)
+    )
+}
+
+/// The machine the run ran on, from `/proc`.
+fn machine() -> Vec<(String, String)> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+        .map_or("unknown".to_owned(), |m| m.trim().to_owned());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or("unknown".to_owned(), |kb| {
+            format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0)
+        });
+    vec![
+        ("CPU".into(), model),
+        ("CPUs available".into(), cpus.to_string()),
+        ("memory".into(), memory),
+        (
+            "kernel".into(),
+            read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        ),
+    ]
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:2em auto;max-width:1000px;color:#222}\
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left}\
+tr.ok td:first-child,p.ok{color:#1b7e3c}tr.na td:first-child{color:#777}tr.fail td,p.fail{color:#b00020;font-weight:bold}\
+figure{margin:0 0 1em}p.small{color:#777;font-size:.9em}";
+
+/// Finds, in each chart, the line each of its series drew (plotters draws a line series as one
+/// `polyline` stroked in the series' colour; `data-series` lists the colours), laid out with a
+/// width and at least two points, and says which chart misses one.
+const CHECK: &str = r#"
+(function () {
+  var figures = document.querySelectorAll("figure.chart");
+  var bad = [];
+  figures.forEach(function (f) {
+    var want = f.dataset.series.split(" ").filter(function (c) { return c.length > 0; });
+    var lines = want.filter(function (colour) {
+      return Array.prototype.some.call(f.querySelectorAll("svg polyline"), function (p) {
+        return (p.getAttribute("stroke") || "").toUpperCase() === colour
+          && p.points.numberOfItems >= 2 && p.getBoundingClientRect().width > 0;
+      });
+    }).length;
+    if (want.length < 1 || lines < want.length)
+      bad.push(f.dataset.title + " (" + lines + " of " + want.length + " lines)");
+  });
+  var check = document.getElementById("render-check");
+  check.textContent = bad.length === 0
+    ? "render check: all " + figures.length + " charts drew their series"
+    : "render check failed: " + bad.join("; ");
+  check.className = bad.length === 0 ? "ok" : "fail";
+})();
+"#;
