@@ -1,7 +1,9 @@
 # `nix run .#sale` (the main job: stack, services, load, report and invariant
-# check) and `nix run .#promote` (the production canary's verdict, then promote
-# or abort through Argo Rollouts). Both run the project's own task runner,
-# xtask, with the tools it drives on PATH.
+# check) and `nix run .#promote` (a canary's verdict against its stable version,
+# once its Rollout waits at its last, manual pause step, then promote or abort
+# through Argo Rollouts; the pipeline runs it for staging and for production,
+# with PROMETHEUS_URL set). Both run the project's own task runner, xtask, with
+# the tools it drives on PATH.
 #
 # `FLASH_SALE_BIN_DIR` holds the service binaries the flake built, so xtask
 # starts those instead of building the workspace with cargo.
@@ -24,8 +26,9 @@ let
         runtimeInputs = [ binaries.xtask ] ++ tools;
         text = ''
           export FLASH_SALE_BIN_DIR=${bin}/bin
-          # nixpkgs has no nisshi; tansu takes the same command line (docs/nix.md).
-          export FLASH_SALE_BROKER_PROGRAM=${lib.getExe' pkgs.tansu "tansu"}
+          # The broker is not from nixpkgs: the pinned nixpkgs packages neither nisshi nor a
+          # broker with its command line, so xtask takes nisshi from PATH or
+          # FLASH_SALE_BROKER_PROGRAM (docs/nix.md).
           exec xtask ${command} "$@"
         '';
       };
@@ -48,6 +51,6 @@ in
     name = "promote";
     command = "canary promote";
     tools = [ pkgs.kubectl pkgs.argo-rollouts ];
-    description = "Compare the production canary with the stable version in Prometheus, then promote or abort it";
+    description = "Compare a canary waiting at its last pause with the stable version in Prometheus (PROMETHEUS_URL), then promote or abort it";
   };
 }

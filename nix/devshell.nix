@@ -20,10 +20,10 @@
       cargo-audit
       rust-analyzer
 
-      # The local stack and the load generator
+      # The local stack and the load generator (its broker, nisshi, is not in
+      # nixpkgs: `cargo install` it as the README says)
       redis
       mariadb
-      tansu
       hey
 
       # Monitoring and Kubernetes
@@ -44,9 +44,6 @@
     ];
 
     SQLX_OFFLINE = "true";
-    # nixpkgs has no nisshi: the local stack runs tansu, which lacks the consumer-group takeover
-    # the crash drills need (docs/nix.md); `cargo xtask drill` wants nisshi from cargo.
-    FLASH_SALE_BROKER_PROGRAM = "${pkgs.tansu}/bin/tansu";
   };
 }
 

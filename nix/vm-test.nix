@@ -1,11 +1,13 @@
 # The integration test in a NixOS VM: Redis, Apache Kafka in KRaft mode,
-# MariaDB and the three services as systemd units, then the sale scenario that
-# the local integration suite runs (the `flash-sale-scenario` binary of cargo
-# package flash-sale-tests) drives a sale through the gateway and checks the
-# invariants of docs/design.md, exiting non-zero on a violation.
+# MySQL 8.4 (the version the Kubernetes bundle runs) and the three services as
+# systemd units, then the sale scenario that the local integration suite runs
+# (the `flash-sale-scenario` binary of cargo package flash-sale-tests) drives a
+# sale through the gateway and checks the invariants of docs/design.md,
+# exiting non-zero on a violation.
 #
-# Redpanda is what the Kubernetes bundle runs, but nixpkgs has no Redpanda
-# server; Apache Kafka speaks the same protocol to librdkafka.
+# Redpanda is what the Kubernetes bundle runs, but nixpkgs removed its Redpanda
+# server package in 2024 (broken since 2023; only the `rpk` client is left,
+# docs/nix.md); Apache Kafka speaks the same protocol to librdkafka.
 { pkgs
 , services
 , binaries
@@ -19,6 +21,8 @@ let
   brokers = "127.0.0.1:9092";
   topic = "flash-sale-order-topic";
   kafka = pkgs.apacheKafka;
+  # Oracle MySQL 8.4 LTS, as the cluster's `mysql` image (k8s/kustomization.yaml).
+  mysql = pkgs.mysql84;
 
   # Configuration every service reads (docs/contracts.md).
   environment = {
@@ -85,12 +89,23 @@ pkgs.testers.runNixOSTest {
 
     services.mysql = {
       enable = true;
-      package = pkgs.mariadb;
+      package = mysql;
+      # What k8s/mysql/flash-sale.cnf sets that the services can observe;
+      # sizes fit the VM.
       settings.mysqld = {
         bind-address = "127.0.0.1";
         port = 3306;
         max_connections = 500;
+        character-set-server = "utf8mb4";
+        collation-server = "utf8mb4_unicode_ci";
+        innodb_flush_log_at_trx_commit = 1;
+        sync_binlog = 1;
       };
+      # nixpkgs' module initialises Oracle MySQL with `mysqld
+      # --initialize-insecure` and runs this once, as root over the socket.
+      # The users get 8.4's default caching_sha2_password, as in the cluster
+      # (8.4 disables mysql_native_password); sqlx answers it over plain TCP
+      # with the server's RSA key.
       initialScript = pkgs.writeText "flash-sale-init.sql" ''
         CREATE DATABASE IF NOT EXISTS flash_sale CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
         CREATE USER IF NOT EXISTS 'flashsale'@'localhost' IDENTIFIED BY 'flashsale';
@@ -177,7 +192,8 @@ pkgs.testers.runNixOSTest {
     # an invariant of docs/design.md does not hold.
     print(machine.succeed("timeout 1200 ${scenario} 2>&1"))
 
-    # A second look at what MySQL holds, independent of the scenario's code:
+    # A second look at what MySQL holds, independent of the scenario's code
+    # (root over the socket, passwordless after --initialize-insecure):
     # no activity sold more than its stock, no user holds two orders of one.
     oversold = machine.succeed(
         "mysql -N -e 'SELECT activity_id FROM flash_sale.orders"

@@ -87,7 +87,11 @@ let
         let changed = f { };
         in package "rdkafka-${changed.version}" // changed;
     };
-    mariadb = package "mariadb";
+    # pname as nixpkgs' package files set it: "mysql" for every Oracle MySQL
+    # series, "mariadb-server" for MariaDB; one version of each series.
+    mysql84 = drv "mysql-8.4.3" { pname = "mysql"; version = "8.4.3"; };
+    mysql80 = drv "mysql-8.0.40" { pname = "mysql"; version = "8.0.40"; };
+    mariadb = drv "mariadb-server-11.4.5" { pname = "mariadb-server"; version = "11.4.5"; };
     apacheKafka = package "apache-kafka";
   };
 
@@ -188,6 +192,10 @@ in
     kafkaRoles = machine.services.apache-kafka.settings."process.roles";
     kafkaFormatsLogDirs = machine.services.apache-kafka.formatLogDirs;
     redis = machine.services.redis.servers."".enable;
-    mysql = machine.services.mysql.package.name;
+    mysql = {
+      inherit (machine.services.mysql.package) pname version;
+      inherit (machine.services.mysql) settings;
+      initialScript = machine.services.mysql.initialScript.text;
+    };
   };
 }

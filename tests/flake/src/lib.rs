@@ -8,7 +8,8 @@
 //! - the flake's real wiring (flake.nix and nix/) is evaluated by `nix-instantiate` with
 //!   stand-ins for nixpkgs, crane and flake-utils (`eval.nix`), and what it produces is
 //!   cross-checked against the workspace, docs/contracts.md, the Kubernetes bundle, the README
-//!   and the CI pipeline.
+//!   and the CI pipeline;
+//! - every flake input is pinned to a commit that docs/nix.md accounts for.
 //!
 //! A missing tool fails the test that needs it; `install-tools.sh` installs them all.
 //!

@@ -534,7 +534,6 @@ fn vm_test_runs_the_scenario_of_the_local_suite() {
         "KRaft log dirs are formatted"
     );
     assert_eq!(vm["redis"], Value::Bool(true));
-    assert_eq!(str_of(&vm["mysql"]), "mariadb");
 
     // The binary is the local integration suite's: package flash-sale-tests, a workspace member,
     // whose tests share the scenario's code.
@@ -582,6 +581,158 @@ fn vm_test_runs_the_scenario_of_the_local_suite() {
         "the local suite must run the same scenario code as the VM test ({})",
         bin.display()
     );
+}
+
+/// The major.minor series of a version or image tag: `8.4.2` -> `8.4`.
+fn series(version: &str) -> String {
+    version.split('.').take(2).collect::<Vec<_>>().join(".")
+}
+
+/// The tags the Kubernetes bundle gives the `mysql` image: every `images:` entry named `mysql`
+/// in a kustomization under k8s/ or kustomize/.
+fn cluster_mysql_tags() -> Vec<String> {
+    let mut tags = Vec::new();
+    for dir in ["k8s", "kustomize"] {
+        for file in files_ending_with(dir, &["kustomization.yaml"]) {
+            let text = std::fs::read_to_string(&file).expect("readable kustomization");
+            let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not YAML: {e}", file.display()));
+            for entry in doc["images"].as_sequence().into_iter().flatten() {
+                if entry["name"].as_str() == Some("mysql")
+                    && let Some(tag) = entry["newTag"].as_str()
+                {
+                    tags.push(tag.to_owned());
+                }
+            }
+        }
+    }
+    tags
+}
+
+#[test]
+fn vm_test_runs_the_clusters_mysql_8_4() {
+    let flake = flake();
+    let mysql = &flake["vmTest"]["mysql"];
+
+    // nixpkgs names Oracle MySQL `mysql` in every series; MariaDB's server is `mariadb-server`.
+    assert_eq!(
+        str_of(&mysql["pname"]),
+        "mysql",
+        "the VM test's database is Oracle MySQL, not MariaDB"
+    );
+    let version = str_of(&mysql["version"]);
+    assert_eq!(series(version), "8.4", "the VM test runs MySQL {version}");
+    let tags = cluster_mysql_tags();
+    assert!(
+        !tags.is_empty(),
+        "the Kubernetes bundle pins no `mysql` image tag"
+    );
+    for tag in &tags {
+        assert_eq!(
+            series(tag),
+            series(version),
+            "the cluster runs mysql:{tag}, the VM test MySQL {version}"
+        );
+    }
+
+    // The server settings of the cluster's configuration that the services can observe.
+    let cnf = section(&read("k8s/mysql/flash-sale.cnf"), "mysqld");
+    let settings = &mysql["settings"]["mysqld"];
+    for key in [
+        "character-set-server",
+        "collation-server",
+        "innodb_flush_log_at_trx_commit",
+        "sync_binlog",
+    ] {
+        let cluster = cnf
+            .get(key)
+            .unwrap_or_else(|| panic!("k8s/mysql/flash-sale.cnf sets no {key}"));
+        let vm = match &settings[key] {
+            Value::String(text) => text.clone(),
+            Value::Null => {
+                panic!("the VM test's MySQL does not set {key} (the cluster: {cluster})")
+            }
+            other => other.to_string(),
+        };
+        assert_eq!(&vm, cluster, "{key} differs from the cluster's");
+    }
+
+    // The database and user of the scenario's URL exist, with a password MySQL 8.4 accepts
+    // without re-enabling mysql_native_password.
+    let script = str_of(&flake["vmTest"]["testScript"]);
+    let url = script
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("mysql://"))
+        .expect("the scenario gets a mysql:// database URL");
+    let (credentials, location) = url.split_once('@').expect("user:password@host/db");
+    let (user, password) = credentials.split_once(':').expect("user:password");
+    let (address, database) = location.split_once('/').expect("host:port/db");
+    let host = address.split(':').next().unwrap_or(address);
+    let init = str_of(&mysql["initialScript"]);
+    for statement in [
+        format!("CREATE DATABASE IF NOT EXISTS {database}"),
+        format!("'{user}'@'{host}' IDENTIFIED BY '{password}'"),
+        format!("ON {database}.* TO '{user}'@'{host}'"),
+    ] {
+        assert!(
+            init.contains(&statement),
+            "the MySQL init script lacks `{statement}`: {init}"
+        );
+    }
+    assert!(
+        !init.contains("mysql_native_password"),
+        "MySQL 8.4 disables mysql_native_password by default: {init}"
+    );
+}
+
+/// The owner, repository and commit of a `github:<owner>/<repo>/<rev>` flake URL whose rev is a
+/// full commit hash; `None` for a branch, a tag, a short hash, a query or any other URL.
+fn github_commit(url: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = url.strip_prefix("github:")?.split('/');
+    let (owner, repo, rev) = (parts.next()?, parts.next()?, parts.next()?);
+    let full_hash = rev.len() == 40 && rev.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    (parts.next().is_none() && !owner.is_empty() && !repo.is_empty() && full_hash)
+        .then_some((owner, repo, rev))
+}
+
+#[test]
+fn only_full_commit_hashes_count_as_pins() {
+    let rev = "26ef669cffa904b6f6832ab57b77892a37c1a671";
+    assert_eq!(
+        github_commit(&format!("github:NixOS/nixpkgs/{rev}")),
+        Some(("NixOS", "nixpkgs", rev))
+    );
+    for floating in [
+        "github:NixOS/nixpkgs/nixos-unstable",
+        "github:ipetkov/crane",
+        "github:ipetkov/crane/v0.23.4",
+        "github:NixOS/nixpkgs/26ef669",
+        "github:NixOS/nixpkgs?ref=nixos-25.11",
+        "github:NixOS/nixpkgs/26EF669CFFA904B6F6832AB57B77892A37C1A671",
+        "git+https://github.com/NixOS/nixpkgs?rev=26ef669cffa904b6f6832ab57b77892a37c1a671",
+    ] {
+        assert_eq!(github_commit(floating), None, "{floating}");
+    }
+}
+
+#[test]
+fn every_flake_input_is_pinned_to_a_commit_the_docs_account_for() {
+    let flake = flake();
+    let inputs = flake["inputs"].as_object().expect("the flake's inputs");
+    assert!(!inputs.is_empty(), "the flake declares no inputs");
+    let docs = read("docs/nix.md");
+    for (name, input) in inputs {
+        let url = str_of(&input["url"]);
+        let (owner, repo, rev) = github_commit(url).unwrap_or_else(|| {
+            panic!(
+                "flake input `{name}` floats (`{url}`): pin it as github:<owner>/<repo>/<40-hex commit>"
+            )
+        });
+        assert!(
+            docs.contains(rev),
+            "docs/nix.md does not say where {name}'s commit {owner}/{repo}@{rev} comes from"
+        );
+    }
 }
 
 #[test]
