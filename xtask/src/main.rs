@@ -12,6 +12,7 @@ mod report;
 mod sale;
 mod services;
 mod setup;
+mod tail;
 mod up;
 
 use clap::{Parser, Subcommand};

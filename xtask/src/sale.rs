@@ -20,6 +20,7 @@ use crate::services::{self, LOCAL_ADMIN_TOKEN, LOCAL_PAYMENT_SECRET};
 struct Options {
     sale: SaleConfig,
     hey: bool,
+    compare_wrk: bool,
     pay_timeout_secs: i64,
     direct: bool,
 }
@@ -52,6 +53,10 @@ pub(crate) struct Args {
     /// Also run the seed's `hey` command against the stack.
     #[arg(long)]
     hey: bool,
+    /// After the sale, compare the load tool's latency with wrk's on the sold-out path, in the
+    /// same run (where the tail comes from: docs/performance.md).
+    #[arg(long)]
+    compare_wrk: bool,
     /// Seconds a buyer has to pay (15 minutes in a real sale; short here, so the unpaid orders
     /// expire and their stock sells again while you watch). It counts from each order's arrival
     /// in MySQL, so it must outlast the sale: the gateway meters it to about 1,000 a second.
@@ -112,6 +117,7 @@ impl Args {
                 retry_ms: if self.direct { 0 } else { BUYER_PATIENCE_MS },
             },
             hey: self.hey,
+            compare_wrk: self.compare_wrk,
             pay_timeout_secs: self.pay_timeout_secs,
             direct: self.direct,
         }
@@ -240,6 +246,12 @@ async fn sale(o: Options) -> anyhow::Result<()> {
             .stop()
             .await;
 
+        let tail = if o.compare_wrk {
+            crate::tail::compare(&order_url, o.sale.activity).await?
+        } else {
+            Vec::new()
+        };
+
         let accepted: Vec<(String, i64)> =
             load.accepted.iter().chain(&wave.accepted).cloned().collect();
         let report = stores
@@ -280,7 +292,10 @@ async fn sale(o: Options) -> anyhow::Result<()> {
                 ("cancels refused".into(), after.cancels_refused.to_string()),
                 ("left to expire".into(), after.left_to_expire.to_string()),
                 ("items back on sale".into(), back.to_string()),
-            ],
+            ]
+            .into_iter()
+            .chain(tail)
+            .collect(),
         };
         let html_path = root.join("report.html");
         std::fs::write(&html_path, page.html())?;
