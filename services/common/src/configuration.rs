@@ -98,8 +98,10 @@ impl ListenerSettings {
 /// How to reach Redis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RedisSettings {
-    /// `redis://host:port[/db]`; in cluster mode, any node (more may follow, comma separated).
-    pub url: String,
+    /// `redis://[:password@]host:port[/db]`; in cluster mode, any node (more may follow, comma
+    /// separated; the first one's password is used on every node). It may carry the password,
+    /// so it is a secret.
+    pub url: Secret,
     /// Redis Cluster: keys carry a per-activity hash tag, so every script stays in one slot.
     pub cluster: bool,
     /// Upper bound on Redis calls in flight from this process; past it, callers wait
@@ -116,7 +118,7 @@ pub struct RedisSettings {
 impl Default for RedisSettings {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379".into(),
+            url: Secret::new("redis://127.0.0.1:6379"),
             cluster: false,
             max_in_flight: 4096,
             acquire_timeout_ms: 200,
@@ -238,7 +240,7 @@ mod tests {
             let s = load(defaults()).map_err(|e| e.to_string())?;
             assert_eq!(s.server.port, 9000, "file overrides default");
             assert_eq!(s.server.host, "0.0.0.0", "untouched default stays");
-            assert_eq!(s.redis.url, "redis://env:6379", "env overrides file");
+            assert_eq!(s.redis.url.expose(), "redis://env:6379", "env overrides file");
             Ok(())
         });
     }
@@ -257,8 +259,10 @@ mod tests {
     fn secrets_never_print() {
         let mut s = defaults();
         s.database.url = Secret::new("mysql://root:hunter2@db/flash_sale");
+        s.redis.url = Secret::new("redis://:swordfish@redis-cluster:6379");
         let printed = format!("{s:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("swordfish"), "{printed}");
         assert!(printed.contains("<redacted>"));
     }
 }

@@ -255,13 +255,13 @@ impl Redis {
     pub async fn connect(settings: &RedisSettings) -> Result<Self, RedisError> {
         let response_timeout = Duration::from_millis(settings.response_timeout_ms);
         let conn = if settings.cluster {
-            let nodes: Vec<&str> = settings.url.split(',').map(str::trim).collect();
+            let nodes: Vec<&str> = settings.url.expose().split(',').map(str::trim).collect();
             let client = redis::cluster::ClusterClientBuilder::new(nodes)
                 .response_timeout(response_timeout)
                 .build()?;
             RedisConnection::Cluster(client.get_async_connection().await?)
         } else {
-            let client = redis::Client::open(settings.url.as_str())?;
+            let client = redis::Client::open(settings.url.expose())?;
             let config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(response_timeout))
                 .set_connection_timeout(Some(Duration::from_secs(2)));

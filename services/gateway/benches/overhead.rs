@@ -228,7 +228,7 @@ async fn gateway(
     settings.management = settings.server.clone();
     settings.auth.hs256_secret = Secret::new(SECRET);
     settings.upstreams.order_service = upstream.to_owned();
-    settings.redis.url = redis_url.to_owned();
+    settings.redis.url = Secret::new(redis_url);
     let file = dir.join(format!(
         "rules-{}-{checks}.toml",
         upstream.replace([':', '/', '.'], "-")

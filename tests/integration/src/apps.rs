@@ -26,7 +26,7 @@ pub fn order_settings(stack: &Stack) -> order_service::Settings {
         management: local(0),
         ..Default::default()
     };
-    s.redis.url = stack.redis_url();
+    s.redis.url = Secret::new(stack.redis_url());
     s.database.url = Secret::new(stack.database_url());
     s.kafka.brokers = stack.brokers();
     s.kafka.message_timeout_ms = 3000;
@@ -49,7 +49,7 @@ pub fn inventory_settings(stack: &Stack) -> inventory_service::Settings {
         management: local(0),
         ..Default::default()
     };
-    s.redis.url = stack.redis_url();
+    s.redis.url = Secret::new(stack.redis_url());
     s.database.url = Secret::new(stack.database_url());
     s.inventory.admin_token = Secret::new(ADMIN_TOKEN);
     s.inventory.warmup_interval_secs = 0;
@@ -71,7 +71,7 @@ pub fn gateway_settings(stack: &Stack, order_url: &str, inventory_url: &str) -> 
     };
     s.upstreams.order_service = order_url.to_owned();
     s.upstreams.inventory_service = inventory_url.to_owned();
-    s.redis.url = stack.redis_url();
+    s.redis.url = Secret::new(stack.redis_url());
     s.auth.hs256_secret = Secret::new(JWT_SECRET);
     s.telemetry.log_format = LogFormat::Pretty;
     s

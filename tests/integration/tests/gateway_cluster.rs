@@ -301,7 +301,7 @@ async fn alternate(replicas: &[&ClusterLimiter], rule: &ClusterRule, requests: u
 async fn leased_tokens_spare_redis_calls_and_never_exceed_the_shared_bucket() {
     let stack = redis_stack();
     let settings = RedisSettings {
-        url: stack.redis_url(),
+        url: flash_sale_common::configuration::Secret::new(stack.redis_url()),
         ..RedisSettings::default()
     };
     let replica = || async {

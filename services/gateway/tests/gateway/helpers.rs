@@ -94,7 +94,7 @@ pub(crate) fn settings() -> Settings {
     let nowhere = refusing_address();
     s.upstreams.order_service = format!("http://{nowhere}");
     s.upstreams.inventory_service = format!("http://{nowhere}");
-    s.redis.url = format!("redis://{nowhere}");
+    s.redis.url = Secret::new(format!("redis://{nowhere}"));
     s.cluster.retry_ms = 100;
     s
 }
