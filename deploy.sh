@@ -4,7 +4,9 @@
 # Every command applies one kustomize overlay (kustomize/overlays/<env>) with `kubectl apply -k`;
 # `infra`, `services` and `monitoring` apply the part of it whose objects carry the matching
 # app.kubernetes.io/component labels. `--dry-run` renders what would be applied, and prints what
-# would be run, without touching (or needing) a cluster.
+# would be run, without touching (or needing) a cluster. The namespace is the one the overlay
+# renders (dev and production: flash-sale, staging: flash-sale-staging). `--images FILE` deploys
+# the images a release pushed (the pipeline's image-refs) instead of the overlay's own tags.
 #
 # See docs/kubernetes.md for what each object does.
 
@@ -12,13 +14,17 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly ROOT
-readonly NAMESPACE="flash-sale"
 readonly KUBECTL="${KUBECTL:-kubectl}"
 
 ENVIRONMENT="${FLASH_SALE_ENV:-dev}"
 DRY_RUN=false
 ASSUME_YES=false
 TIMEOUT="${FLASH_SALE_TIMEOUT:-600s}"
+IMAGES=""
+# The overlay's namespace, read from the rendered overlay by main.
+NAMESPACE=""
+# With --images: a temporary kustomization that is the overlay plus the release's images.
+RELEASE_DIR=""
 
 usage() {
   cat <<EOF
@@ -30,7 +36,7 @@ Commands:
                has it, monitoring) in one apply, then wait for it
   infra        the namespace and its policies, Redis Cluster, Redpanda, MySQL
   services     database migration, inventory-service, order-service, gateway, Ingress
-               (and, in production, the canary AnalysisTemplate)
+               (and, in staging and production, the canary AnalysisTemplate)
   monitoring   ServiceMonitors, PrometheusRule and the Grafana dashboard
   verify       check that everything deployed is running and healthy
   cleanup      delete everything the overlay created, the namespace included
@@ -39,6 +45,10 @@ Options:
   -e, --env ENV   overlay to use: dev, staging or production (default: ${ENVIRONMENT};
                   or set FLASH_SALE_ENV)
   -n, --dry-run   render and print instead of applying; needs no cluster
+  -i, --images FILE
+                  deploy these images instead of the overlay's tags: one line per service,
+                  "<service> <repository>[:<tag>]@sha256:<digest>" (what cicd/push-images.sh
+                  prints); every flash-sale/* image of the overlay must be set
   -y, --yes       do not ask before cleanup
   -h, --help      show this help
 
@@ -47,7 +57,8 @@ Environment:
   FLASH_SALE_TIMEOUT   how long to wait for each workload (default: 600s)
 
 Secrets are never stored in this repository. On first install, deploy.sh creates them with
-random values: mysql-secret (root-password, app-password), flash-sale-db (url),
+random values: mysql-secret (root-password, app-password), redis-auth (password, the Redis
+password of the nodes, the bootstrap, the exporter and the services), flash-sale-db (url),
 inventory-admin (token), gateway-auth (hs256-secret, the token issuer's HS256 key) and
 payment-provider (callback-secret, the key the payment provider signs its callbacks with).
 Create them yourself beforehand to choose the values.
@@ -60,7 +71,17 @@ die() {
   exit 1
 }
 
-overlay_dir() { printf '%s/kustomize/overlays/%s' "$ROOT" "$ENVIRONMENT"; }
+# The overlay as written in the repository.
+source_overlay_dir() { printf '%s/kustomize/overlays/%s' "$ROOT" "$ENVIRONMENT"; }
+
+# What is rendered and applied: the overlay, or with --images the release kustomization.
+overlay_dir() {
+  if [[ -n "$RELEASE_DIR" ]]; then
+    printf '%s' "$RELEASE_DIR"
+  else
+    source_overlay_dir
+  fi
+}
 
 # The components each command applies (the objects' app.kubernetes.io/component label).
 layer_components() {
@@ -149,8 +170,81 @@ check_overlay() {
     dev | staging | production) ;;
     *) die "unknown environment '$ENVIRONMENT' (expected dev, staging or production)" ;;
   esac
-  [[ -f "$(overlay_dir)/kustomization.yaml" ]] || die "no overlay at $(overlay_dir)"
+  [[ -f "$(source_overlay_dir)/kustomization.yaml" ]] || die "no overlay at $(source_overlay_dir)"
   command -v "$KUBECTL" >/dev/null 2>&1 || die "kubectl not found (looked for '$KUBECTL')"
+}
+
+# The name of the one Namespace object in the rendered overlay: every object lives there.
+rendered_namespace() {
+  awk '
+    /^---$/ { kind = ""; in_meta = 0; next }
+    /^kind: / { kind = $2 }
+    /^metadata:/ { in_meta = 1; next }
+    in_meta && /^[^ ]/ { in_meta = 0 }
+    in_meta && kind == "Namespace" && /^  name: / { print $2 }
+  ' <<<"$RENDERED"
+}
+
+# A kustomization directory path that leads, from directory $1, to directory $2 (both absolute
+# and physical): kustomize refuses an absolute path to another kustomization.
+relative_path() {
+  local from="$1" up=""
+  while [[ -n "$from" && "$from" != / ]]; do
+    up+="../"
+    from="${from%/*}"
+  done
+  printf '%s%s' "$up" "${2#/}"
+}
+
+# make_release_dir FILE: a temporary kustomization that takes the overlay as it is and sets
+# every image FILE names, by digest (the tag, if given, stays for people to read). Removed on exit.
+make_release_dir() {
+  local file="$1" line service reference name tag digest
+  [[ -f "$file" && -r "$file" ]] || die "--images: cannot read $file"
+  RELEASE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/flash-sale-release.XXXXXX")"
+  trap 'rm -rf "$RELEASE_DIR"' EXIT
+  RELEASE_DIR="$(cd "$RELEASE_DIR" && pwd -P)"
+  local overlay
+  overlay="$(cd "$(source_overlay_dir)" && pwd -P)"
+  {
+    printf '# Written by deploy.sh --images %s: overlay %s with the release images.\n' "$file" "$ENVIRONMENT"
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n'
+    printf 'resources:\n  - %s\n' "$(relative_path "$RELEASE_DIR" "$overlay")"
+    printf 'images:\n'
+  } >"$RELEASE_DIR/kustomization.yaml"
+  local count=0
+  while read -r service reference line || [[ -n "$service" ]]; do
+    [[ -z "$service" || "$service" == "#"* ]] && continue
+    [[ -z "$line" ]] || die "--images $file: more than two words in the line for '$service'"
+    [[ "$service" =~ ^[a-z0-9-]+$ ]] || die "--images $file: bad service name '$service'"
+    [[ "$reference" =~ ^([^@[:space:]]+)@(sha256:[0-9a-f]{64})$ ]] ||
+      die "--images $file: '$service' needs a reference by digest (<repository>[:<tag>]@sha256:<64 hex>), not '$reference'"
+    name="${BASH_REMATCH[1]}"
+    digest="${BASH_REMATCH[2]}"
+    tag=""
+    if [[ "${name##*/}" == *:* ]]; then
+      tag="${name##*:}"
+      name="${name%:*}"
+    fi
+    {
+      printf '  - name: flash-sale/%s\n    newName: %s\n' "$service" "$name"
+      [[ -n "$tag" ]] && printf '    newTag: "%s"\n' "$tag"
+      printf '    digest: %s\n' "$digest"
+    } >>"$RELEASE_DIR/kustomization.yaml"
+    count=$((count + 1))
+  done <"$file"
+  ((count > 0)) || die "--images $file names no image"
+}
+
+# With --images, every image of ours comes from the file.
+check_release_images() {
+  [[ -n "$RELEASE_DIR" ]] || return 0
+  local unset
+  unset="$(awk '
+    $1 == "-" { $1 = ""; $0 = $0 }
+    $1 == "image:" && $2 ~ /^flash-sale\// { print $2 }
+  ' <<<"$RENDERED" | sort -u)"
+  [[ -z "$unset" ]] || die "--images $IMAGES sets no image for: $(paste -sd ' ' <<<"$unset")"
 }
 
 # Before touching a cluster: it must answer.
@@ -171,7 +265,7 @@ check_crds() {
     fi
   done < <(required_crds)
   if ((${#missing[@]} > 0)); then
-    die "the cluster lacks CRDs this overlay uses: ${missing[*]} (install the Prometheus Operator and, for production, Argo Rollouts)"
+    die "the cluster lacks CRDs this overlay uses: ${missing[*]} (install the Prometheus Operator and, for staging and production, Argo Rollouts)"
   fi
 }
 
@@ -206,11 +300,13 @@ create_secret() (
 
 ensure_infra_secrets() {
   if [[ "$DRY_RUN" == true ]]; then
-    log "would create secret mysql-secret (root-password, app-password) unless it exists"
+    log "would create secrets mysql-secret (root-password, app-password) and redis-auth (password) unless they exist"
     return 0
   fi
   secret_exists mysql-secret ||
     create_secret mysql-secret "root-password=$(random_secret)" "app-password=$(random_secret)"
+  # Hex: start.sh accepts only letters, digits and . _ ~ - (it goes into the services' URL).
+  secret_exists redis-auth || create_secret redis-auth "password=$(random_secret)"
 }
 
 ensure_service_secrets() {
@@ -236,11 +332,27 @@ ensure_service_secrets() {
   fi
 }
 
-# A Job's pod template is immutable: finished Jobs are deleted so that applying a new image runs
-# them again (each of them is safe to rerun). SELECTOR picks the layer.
+# Each Job of the layer as "<name> <types of its true conditions>".
+readonly JOB_STATES='{range .items[*]}{.metadata.name}{" "}{.status.conditions[?(@.status=="True")].type}{"\n"}{end}'
+
+# A Job's pod template is immutable: applying a new release over an earlier release's Job fails
+# with "field is immutable". So the finished Jobs of the layer (Complete or Failed) are deleted
+# first, and applying runs them again (each of them is safe to rerun). A Job still running is
+# left alone rather than killed halfway through a migration. SELECTOR picks the layer.
 delete_finished_jobs() {
-  run "$KUBECTL" delete job --namespace "$NAMESPACE" --ignore-not-found \
-    --selector "$1" --field-selector status.successful=1
+  local selector="$1" states
+  if [[ "$DRY_RUN" == true ]]; then
+    show "$KUBECTL" get job --namespace "$NAMESPACE" --selector "$selector" -o "jsonpath=$JOB_STATES"
+    log "would delete those of these Jobs that are Complete or Failed"
+    return 0
+  fi
+  states="$("$KUBECTL" get job --namespace "$NAMESPACE" --selector "$selector" \
+    -o "jsonpath=$JOB_STATES")" || die "cannot list the Jobs in namespace $NAMESPACE"
+  local finished=()
+  mapfile -t finished < <(awk '{ for (i = 2; i <= NF; i++) if ($i == "Complete" || $i == "Failed") { print $1; break } }' <<<"$states")
+  ((${#finished[@]} > 0)) || return 0
+  log "deleting finished Jobs (their pod templates are immutable): ${finished[*]}"
+  "$KUBECTL" delete job --namespace "$NAMESPACE" --ignore-not-found --wait=true "${finished[@]}"
 }
 
 # Applies the objects of one layer of the overlay (or prints them, in a dry run).
@@ -394,6 +506,15 @@ main() {
         ENVIRONMENT="${1#--env=}"
         shift
         ;;
+      -i | --images)
+        [[ $# -ge 2 ]] || die "$1 needs a file"
+        IMAGES="$2"
+        shift 2
+        ;;
+      --images=*)
+        IMAGES="${1#--images=}"
+        shift
+        ;;
       -n | --dry-run)
         DRY_RUN=true
         shift
@@ -425,7 +546,13 @@ main() {
   esac
 
   check_overlay
+  [[ -z "$IMAGES" ]] || make_release_dir "$IMAGES"
   RENDERED="$(render)" || die "kubectl kustomize $(overlay_dir) failed"
+  NAMESPACE="$(rendered_namespace)"
+  [[ "$NAMESPACE" =~ ^[a-z0-9-]+$ ]] ||
+    die "overlay '$ENVIRONMENT' renders no single Namespace (found: '${NAMESPACE//$'\n'/ }')"
+  readonly NAMESPACE
+  check_release_images
   preflight
   case "$command" in
     all) deploy_all ;;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pushes the images of `nix build .#all-images` and prints, one line per service, the reference by
-# digest the overlays then deploy: `<service> <registry>/flash-sale/<service>@sha256:...`.
+# digest the overlays then deploy: `<service> <registry>/flash-sale/<service>:<tag>@sha256:...`
+# (the tag for people to read, the digest what runs), the file `deploy.sh --images` reads.
 #
 # Usage: push-images.sh IMAGES_DIR REGISTRY TAG
 # Reads REGISTRY_USER and REGISTRY_PASSWORD (the seed's CI variables).
@@ -23,5 +24,5 @@ for archive in "$images"/*.tar.gz; do
   # The archive is ours, built by Nix: there is no signature policy to apply to it.
   skopeo --insecure-policy copy --authfile "$authfile" --digestfile "$workdir/digest" \
     "docker-archive:$archive" "docker://$repository:$tag" >&2
-  echo "$service $repository@$(cat "$workdir/digest")"
+  echo "$service $repository:$tag@$(cat "$workdir/digest")"
 done

@@ -9,6 +9,8 @@
 #     REDIS_CLUSTER_REPLICAS replicas per master;
 #   - anything else (half formed, still converging after a restart): wait, and fail at the
 #     deadline so a human looks at it, rather than guess.
+# Every redis-cli call authenticates with REDISCLI_AUTH (the Job sets it from the redis-auth
+# Secret); a node that refuses it (NOAUTH, WRONGPASS) fails the run at once, naming the node.
 set -eu
 
 : "${REDIS_NODES:?REDIS_NODES must list the nodes as host:port}"
@@ -29,7 +31,15 @@ for node in $REDIS_NODES; do
   count=$((count + 1))
   host=${node%:*}
   port=${node##*:}
-  until [ "$(redis-cli -h "$host" -p "$port" ping 2>/dev/null)" = "PONG" ]; do
+  while :; do
+    answer=$(redis-cli -h "$host" -p "$port" ping 2>/dev/null || true)
+    case "$answer" in
+      PONG) break ;;
+      NOAUTH* | WRONGPASS*)
+        say "node $node refuses our password ($answer): is REDISCLI_AUTH the redis-auth Secret's password?"
+        exit 1
+        ;;
+    esac
     if expired; then
       say "node $node never answered"
       exit 1

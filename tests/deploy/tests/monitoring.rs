@@ -1,16 +1,22 @@
 //! The monitoring bundle: the rule file passes `promtool check rules` and its unit tests, every
 //! alert is tested firing and silent, the PrometheusRule is generated from the rule file, the
-//! dashboard is well formed, every query parses as PromQL and reads only known metrics, and the
-//! canary analysis queries and conditions reach the right verdicts on sample data. The alerts'
-//! thresholds and the dashboard's panels are pinned by the render snapshots (the PrometheusRule
-//! and the dashboard's ConfigMap are part of the staging and production output).
+//! dashboard is well formed, every query parses as PromQL and reads only known metrics, no query
+//! names a namespace (the rules keep namespaces apart and find the system's by the label the
+//! ServiceMonitors put on its targets, the dashboard shows the one its `$namespace` variable
+//! picks), and the canary analysis queries and conditions reach the right verdicts on sample
+//! data. The alerts' thresholds and the dashboard's panels are pinned by the render snapshots
+//! (the PrometheusRule and the dashboard's ConfigMap are part of the staging and production
+//! output).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-use deploy_tests::manifest::{Overlay, array_at, to_yaml};
+use deploy_tests::manifest::{Overlay, array_at, selector_matches, str_at, to_yaml};
 use deploy_tests::{contracts, promql, repo_path, scratch_dir, tools};
+use promql_parser::label::MatchOp;
+use promql_parser::parser::{self, Expr, LabelModifier};
+use promql_parser::util::{ExprVisitor, walk_expr};
 use serde_json::{Value, json};
 
 const RULES: &str = "monitoring/prometheus/rules.yaml";
@@ -293,6 +299,235 @@ fn every_query_parses_and_reads_only_metrics_a_service_or_a_known_exporter_emits
                 known,
                 "{context} reads {metric}: not in the contract nor an exporter's"
             );
+        }
+    }
+}
+
+// ------------------------------------------------------------------- every namespace
+
+/// The label the ServiceMonitors copy from the Services (`targetLabels`), as Prometheus names
+/// it; `up{app_kubernetes_io_part_of="flash-sale"}` marks the namespaces that run the system.
+const PART_OF_LABEL: &str = "app_kubernetes_io_part_of";
+
+/// Metrics that describe every pod of the cluster, not only ours.
+fn cluster_wide(metric: &str) -> bool {
+    metric.starts_with("container_") || metric.starts_with("kube_")
+}
+
+/// A label matcher: label, operator (`=`, `!=`, `=~`, `!~`), value.
+type Matcher = (String, String, String);
+
+/// A selector: the metric and its matchers.
+type Selector = (String, Vec<Matcher>);
+
+/// What a query selects and how it aggregates, read from its syntax tree.
+#[derive(Default)]
+struct Shape {
+    /// Each selector: the metric and its `label op value` matchers.
+    selectors: Vec<Selector>,
+    /// Each aggregation: its operator, and whether it keeps the `namespace` label.
+    aggregations: Vec<(String, bool)>,
+    /// Each `and on (namespace)`: the selectors of its right-hand side.
+    namespace_joins: Vec<Vec<Selector>>,
+}
+
+fn selector_of(expr: &Expr) -> Option<Selector> {
+    let selector = match expr {
+        Expr::VectorSelector(selector) => selector,
+        Expr::MatrixSelector(matrix) => &matrix.vs,
+        _ => return None,
+    };
+    let matchers = selector.matchers.matchers.iter().map(|m| {
+        let op = match &m.op {
+            MatchOp::Equal => "=",
+            MatchOp::NotEqual => "!=",
+            MatchOp::Re(_) => "=~",
+            MatchOp::NotRe(_) => "!~",
+        };
+        (m.name.clone(), op.to_owned(), m.value.clone())
+    });
+    Some((
+        selector.name.clone().unwrap_or_default(),
+        matchers.collect(),
+    ))
+}
+
+/// Collects the selectors below an expression.
+struct Selectors(Vec<Selector>);
+
+impl ExprVisitor for Selectors {
+    type Error = String;
+
+    fn pre_visit(&mut self, expr: &Expr) -> Result<bool, String> {
+        self.0.extend(selector_of(expr));
+        Ok(true)
+    }
+}
+
+fn selectors(expr: &Expr) -> Vec<Selector> {
+    let mut found = Selectors(Vec::new());
+    walk_expr(&mut found, expr).unwrap();
+    found.0
+}
+
+impl ExprVisitor for Shape {
+    type Error = String;
+
+    fn pre_visit(&mut self, expr: &Expr) -> Result<bool, String> {
+        self.selectors.extend(selector_of(expr));
+        match expr {
+            Expr::Aggregate(aggregate) => {
+                let keeps = match &aggregate.modifier {
+                    Some(LabelModifier::Include(labels)) => {
+                        labels.labels.iter().any(|l| l == "namespace")
+                    }
+                    Some(LabelModifier::Exclude(labels)) => {
+                        !labels.labels.iter().any(|l| l == "namespace")
+                    }
+                    None => false,
+                };
+                self.aggregations.push((aggregate.op.to_string(), keeps));
+            }
+            Expr::Binary(binary) if binary.op.to_string() == "and" => {
+                let matching = binary.modifier.as_ref().and_then(|m| m.matching.as_ref());
+                let on_namespace = matches!(matching, Some(LabelModifier::Include(labels))
+                    if labels.labels == ["namespace"]);
+                if on_namespace {
+                    self.namespace_joins.push(selectors(&binary.rhs));
+                }
+            }
+            _ => {}
+        }
+        Ok(true)
+    }
+}
+
+fn shape(expr: &str) -> Shape {
+    let ast = parser::parse(expr).unwrap_or_else(|e| panic!("{e}: {expr}"));
+    let mut shape = Shape::default();
+    walk_expr(&mut shape, &ast).unwrap();
+    shape
+}
+
+/// Whether a selector is `up{app_kubernetes_io_part_of="flash-sale"}`: our scrape targets.
+fn selects_our_targets((metric, matchers): &Selector) -> bool {
+    let ours = (
+        PART_OF_LABEL.to_owned(),
+        "=".to_owned(),
+        "flash-sale".to_owned(),
+    );
+    metric == "up" && matchers.contains(&ours)
+}
+
+#[test]
+fn no_rule_names_a_namespace_and_each_judges_every_namespace_apart() {
+    for rule in alerts() {
+        let name = rule["alert"].as_str().unwrap();
+        let shape = shape(rule["expr"].as_str().unwrap());
+        // Staging's namespace is as good as production's.
+        for (metric, matchers) in &shape.selectors {
+            let named = matchers.iter().any(|(label, _, _)| label == "namespace");
+            assert!(!named, "{name}: {metric} selects a namespace");
+        }
+        // One namespace's numbers never mix with another's: every sum, maximum and ratio is
+        // taken per namespace, and the alert carries it.
+        for (op, keeps) in &shape.aggregations {
+            assert!(keeps, "{name}: `{op}` drops the namespace");
+        }
+        // cAdvisor and kube-state-metrics describe the whole cluster: the alert keeps the
+        // namespaces that run the system.
+        let reads_cluster = shape.selectors.iter().any(|(m, _)| cluster_wide(m));
+        if reads_cluster {
+            let joined = shape
+                .namespace_joins
+                .iter()
+                .any(|rhs| rhs.iter().any(selects_our_targets));
+            assert!(
+                joined,
+                "{name}: reads every namespace's pods without `and on (namespace)` our targets"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_dashboard_shows_the_namespace_its_variable_picks_and_lists_ours() {
+    let dashboard = dashboard();
+    let variables = array_at(&dashboard, "/templating/list");
+    let variable = |name: &str| variables.iter().find(|v| v["name"] == name);
+    let namespace = variable("namespace").expect("a namespace variable");
+    let query = namespace["query"]["query"].as_str().unwrap_or_default();
+    let (inner, label) = query
+        .strip_prefix("label_values(")
+        .and_then(|q| q.strip_suffix(')'))
+        .and_then(|q| q.rsplit_once(','))
+        .unwrap_or_else(|| panic!("namespace variable: {query}"));
+    assert_eq!(label.trim(), "namespace");
+    let listed = shape(inner);
+    assert!(
+        listed.selectors.iter().all(selects_our_targets),
+        "the namespace variable lists other namespaces: {query}"
+    );
+    assert_eq!(namespace["multi"], false, "one environment at a time");
+    assert_eq!(namespace["includeAll"], false, "one environment at a time");
+    // The other variables list the values of the picked namespace.
+    for other in variables
+        .iter()
+        .filter(|v| v["type"] == "query" && v["name"] != "namespace")
+    {
+        let query = other["query"]["query"].as_str().unwrap_or_default();
+        assert!(
+            query.contains("namespace=\"$namespace\""),
+            "variable {}: {query}",
+            other["name"]
+        );
+    }
+    // Every selector of every panel is limited to it.
+    let wanted = (
+        "namespace".to_owned(),
+        "=".to_owned(),
+        "$namespace".to_owned(),
+    );
+    for panel in array_at(&dashboard, "/panels") {
+        for expr in panel_exprs(panel) {
+            for (metric, matchers) in shape(&as_promql(expr)).selectors {
+                assert!(
+                    matchers.contains(&wanted),
+                    "panel {}: {metric} is not limited to $namespace",
+                    panel["title"]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_target_we_scrape_is_labelled_part_of_flash_sale() {
+    for overlay in [Overlay::Staging, Overlay::Production] {
+        let rendered = overlay.rendered();
+        let context = overlay.name();
+        for monitor in rendered.of_kind("ServiceMonitor") {
+            let copied = array_at(&monitor.0, "/spec/targetLabels").iter();
+            let copied: Vec<String> = copied
+                .filter_map(Value::as_str)
+                .map(|l| l.replace(['.', '/', '-'], "_"))
+                .collect();
+            let id = monitor.id();
+            assert!(
+                copied.iter().any(|l| l == PART_OF_LABEL),
+                "{context}: {id} does not copy app.kubernetes.io/part-of"
+            );
+            let namespaces = array_at(&monitor.0, "/spec/namespaceSelector/matchNames");
+            let services: Vec<_> = rendered
+                .of_kind("Service")
+                .filter(|s| selector_matches(&monitor.0["spec"]["selector"], &s.labels()))
+                .filter(|s| namespaces.iter().any(|n| n.as_str() == s.namespace()))
+                .collect();
+            assert!(!services.is_empty(), "{context}: {id} scrapes no Service");
+            for service in services {
+                let part_of = str_at(&service.0, "/metadata/labels/app.kubernetes.io~1part-of");
+                assert_eq!(part_of, Some("flash-sale"), "{context}: {}", service.id());
+            }
         }
     }
 }

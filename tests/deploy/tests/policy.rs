@@ -2,7 +2,8 @@
 //! The workload checklist (requests and a memory limit, probes of the pod itself, a preStop
 //! drain inside the grace period, the restricted security context, a disruption budget, spread
 //! over nodes), default-deny network policies with exactly the needed connections, secrets only
-//! by reference, configuration that agrees with `docs/contracts.md` and with the pods, HPA
+//! by reference, Redis credentials from the redis-auth Secret for everything that reaches Redis,
+//! configuration that agrees with `docs/contracts.md` and with the pods, HPA
 //! targets, production's canary plans, and that every name one object uses for another
 //! resolves. Single values (HPA numbers, probe paths, image names, env values) are pinned by the
 //! render snapshots instead.
@@ -469,12 +470,29 @@ fn network_policies_allow_exactly_the_needed_connections() {
 
 // ------------------------------------------------------------------ secrets and environment
 
+/// The userinfo (`user:password`) of the first URL in `text`, if it has one.
+fn url_userinfo(text: &str) -> Option<&str> {
+    let (_, rest) = text.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    authority.rsplit_once('@').map(|(userinfo, _)| userinfo)
+}
+
+/// The variable a URL's userinfo takes its password from: `user:$(NAME)`, and nothing else.
+fn password_reference(userinfo: &str) -> Option<&str> {
+    let (user, password) = userinfo.split_once(':')?;
+    let name = password.strip_prefix("$(")?.strip_suffix(')')?;
+    let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    (!user.contains('$') && !name.is_empty() && plain(name)).then_some(name)
+}
+
 #[test]
 fn secrets_appear_only_as_references() {
     let sensitive = ["PASSWORD", "TOKEN", "SECRET", "DATABASE__URL", "CREDENTIAL"];
     let is_sensitive = |name: &str| sensitive.iter().any(|word| name.contains(word));
     let external: BTreeMap<&str, &[&str]> = EXTERNAL_SECRETS.into_iter().collect();
     each_container(|_, container, context| {
+        // Variables defined so far from a Secret: what a `$(VAR)` in a later value may use.
+        let mut from_secrets = BTreeSet::new();
         for entry in array_at(container, "/env") {
             let name = str_at(entry, "/name").unwrap_or_default();
             if let Some(reference) = entry.pointer("/valueFrom/secretKeyRef") {
@@ -482,8 +500,19 @@ fn secrets_appear_only_as_references() {
                 let key = str_at(reference, "/key").unwrap_or_default();
                 let keys = external.get(secret).copied().unwrap_or_default();
                 assert!(keys.contains(&key), "{context}: no secret {secret}/{key}");
+                from_secrets.insert(name);
             } else {
                 assert!(!is_sensitive(name), "{context}: {name} not from a Secret");
+            }
+            // A URL's password is filled in from a Secret variable defined before it.
+            let value = str_at(entry, "/value").unwrap_or_default();
+            if let Some(userinfo) = url_userinfo(value) {
+                let variable = password_reference(userinfo);
+                let secret = variable.is_some_and(|v| from_secrets.contains(v));
+                assert!(
+                    secret,
+                    "{context}: {name} has credentials not from a Secret"
+                );
             }
         }
     });
@@ -496,13 +525,200 @@ fn secrets_appear_only_as_references() {
                 assert!(!is_sensitive(key), "{context}");
             }
         }
-        // No credentials in any URL, anywhere in the output.
+        // No credentials in any URL, anywhere in the output: a URL's password can only be a
+        // reference to a variable, which the containers' check above says comes from a Secret.
         for line in rendered.yaml.lines() {
-            let host = line
-                .split_once("://")
-                .and_then(|(_, r)| r.split('/').next());
-            let credentials = host.is_some_and(|host| host.contains('@'));
-            assert!(!credentials, "{}: credentials in {line}", overlay.name());
+            let userinfo = url_userinfo(line);
+            let literal = userinfo.is_some_and(|u| password_reference(u).is_none());
+            assert!(!literal, "{}: credentials in {line}", overlay.name());
+        }
+    });
+}
+
+// ------------------------------------------------------------------ Redis authentication
+
+/// How a Secret's key stands in [`resolved_env`].
+fn secret_value(name: &str, key: &str) -> String {
+    format!("<secret {name}/{key}>")
+}
+
+/// Kubernetes' expansion of `$(VAR)` in an env value: one pass, unknown names left as they are.
+fn expand(text: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("$(") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find(')') {
+            Some(end) if env.contains_key(&after[..end]) => {
+                out.push_str(&env[&after[..end]]);
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push_str("$(");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A container's environment as the kubelet builds it: the envFrom ConfigMaps first, then `env`
+/// in order, each value's `$(VAR)` filled in from the variables defined before it. A Secret's
+/// key stands as [`secret_value`].
+fn resolved_env(rendered: &Rendered, container: &Value) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for source in array_at(container, "/envFrom") {
+        let name = str_at(source, "/configMapRef/name").expect("envFrom only from ConfigMaps");
+        env.extend(string_map(rendered.get("ConfigMap", name).pointer("/data")));
+    }
+    for entry in array_at(container, "/env") {
+        let name = str_at(entry, "/name").unwrap().to_owned();
+        let value = match entry.pointer("/valueFrom/secretKeyRef") {
+            Some(reference) => secret_value(
+                str_at(reference, "/name").unwrap(),
+                str_at(reference, "/key").unwrap(),
+            ),
+            None => expand(str_at(entry, "/value").unwrap_or_default(), &env),
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+fn named<'a>(owner: &'a Object, container: &str) -> &'a Value {
+    let found = owner.containers().into_iter();
+    let mut found = found.filter(|c| str_at(c, "/name") == Some(container));
+    found
+        .next()
+        .unwrap_or_else(|| panic!("{}: no container {container}", owner.id()))
+}
+
+fn strings(value: &Value, pointer: &str) -> Vec<String> {
+    let items = array_at(value, pointer).iter();
+    items.filter_map(Value::as_str).map(str::to_owned).collect()
+}
+
+/// The data of the ConfigMap a pod mounts as volume `volume`.
+fn mounted_config_map(
+    rendered: &Rendered,
+    owner: &Object,
+    volume: &str,
+) -> BTreeMap<String, String> {
+    let volumes = array_at(owner.pod_spec().unwrap(), "/volumes").iter();
+    let mut found = volumes.filter(|v| str_at(v, "/name") == Some(volume));
+    let name = found.next().and_then(|v| str_at(v, "/configMap/name"));
+    let name = name.unwrap_or_else(|| panic!("{}: no ConfigMap volume {volume}", owner.id()));
+    string_map(rendered.get("ConfigMap", name).pointer("/data"))
+}
+
+#[test]
+fn everything_that_reaches_redis_authenticates_with_the_redis_auth_secret() {
+    let password = secret_value("redis-auth", "password");
+    each_overlay(|overlay, rendered| {
+        let context = overlay.name();
+        let redis = rendered.get("StatefulSet", "redis-cluster");
+        let node = named(redis, "redis");
+        let scripts = mounted_config_map(rendered, redis, "scripts");
+        // The node starts through start.sh, which gives Redis the password (requirepass,
+        // masterauth) from REDISCLI_AUTH; every redis-cli in the container reads it too.
+        let command = strings(node, "/command");
+        assert_eq!(
+            command,
+            ["sh", "/scripts/start.sh"],
+            "{context}: redis command"
+        );
+        assert!(scripts.contains_key("start.sh"), "{context}: no start.sh");
+        let env = resolved_env(rendered, node);
+        assert_eq!(
+            env.get("REDISCLI_AUTH"),
+            Some(&password),
+            "{context}: redis node"
+        );
+        // Never in a ConfigMap nor on the command line.
+        let config = mounted_config_map(rendered, redis, "config");
+        let conf = config.get("redis.conf").expect("redis.conf");
+        for line in conf
+            .lines()
+            .chain(strings(node, "/args").iter().map(String::as_str))
+        {
+            let word = line.trim().trim_start_matches("--");
+            let word = word.split_whitespace().next().unwrap_or_default();
+            let auth = ["requirepass", "masterauth", "masteruser", "user", "aclfile"];
+            assert!(
+                !auth.contains(&word),
+                "{context}: {line:?} outside start.sh"
+            );
+        }
+        // The probes run in that container, through the scripts that check the answer (an
+        // unauthenticated redis-cli exits 0 on NOAUTH).
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            let command = strings(node, &format!("/{probe}/exec/command"));
+            let script = command.get(1).and_then(|c| c.strip_prefix("/scripts/"));
+            let checked = command.len() == 2
+                && command[0] == "sh"
+                && script.is_some_and(|s| ["alive.sh", "ready.sh"].contains(&s))
+                && script.is_some_and(|s| scripts.contains_key(s));
+            assert!(checked, "{context}: {probe} runs {command:?}");
+        }
+        // The exporter logs in with the same password.
+        let exporter = resolved_env(rendered, named(redis, "exporter"));
+        let exporter = exporter.get("REDIS_PASSWORD");
+        assert_eq!(exporter, Some(&password), "{context}: exporter");
+
+        // Everything the NetworkPolicies let reach Redis's client port has the password: the
+        // services in their Redis URL, the bootstrap Job and the peers (the hook) in
+        // REDISCLI_AUTH. The URL's address is the redis-cluster Service.
+        let service = rendered.get("Service", "redis-cluster");
+        let ports = array_at(&service.0, "/spec/ports").iter();
+        let port = ports
+            .filter_map(|p| int_at(p, "/port"))
+            .find(|&p| p == 6379);
+        assert!(port.is_some(), "{context}: redis-cluster serves 6379");
+        let wanted_url = format!("redis://:{password}@redis-cluster:6379");
+        let edges = allowed_edges(&rendered.objects, &[]);
+        let clients: BTreeSet<&str> = edges
+            .iter()
+            .filter(|(_, dest, port)| dest == "redis-cluster" && *port == 6379)
+            .map(|(source, _, _)| source.as_str())
+            .collect();
+        for service in SERVICES {
+            assert!(
+                clients.contains(service),
+                "{context}: {service} reaches no Redis"
+            );
+        }
+        for client in clients {
+            let owners = rendered.pod_owners();
+            let mut owners = owners.filter(|o| o.pod_labels()["app.kubernetes.io/name"] == client);
+            let owner = owners.next().unwrap();
+            let mut authenticated = false;
+            for container in owner.containers() {
+                let env = resolved_env(rendered, container);
+                let name = str_at(container, "/name").unwrap_or_default();
+                if let Some(url) = env.get("FLASH_SALE_REDIS__URL") {
+                    assert_eq!(url, &wanted_url, "{context}: {client} {name} Redis URL");
+                    authenticated = true;
+                } else if env.get("REDISCLI_AUTH") == Some(&password) {
+                    authenticated = true;
+                }
+            }
+            assert!(
+                authenticated,
+                "{context}: {client} reaches Redis without the password"
+            );
+        }
+        // The services' URL is built in their own env: the shared ConfigMap has no URL, so
+        // none can be used without the password.
+        for config_map in rendered.of_kind("ConfigMap") {
+            let data = string_map(config_map.pointer("/data"));
+            let url = data.get("FLASH_SALE_REDIS__URL");
+            assert!(
+                url.is_none(),
+                "{context}: {} holds a Redis URL",
+                config_map.id()
+            );
         }
     });
 }

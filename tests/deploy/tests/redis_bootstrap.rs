@@ -1,12 +1,15 @@
 //! The Redis pieces of `k8s/redis/`, run for real on 127.0.0.1: as many `redis-server`s as the
-//! StatefulSet runs (three masters and their replicas), started from the ConfigMap's
-//! `redis.conf` (only port, bind address and maxmemory given, as the StatefulSet gives maxmemory
-//! and the announced name; each in its own working directory as the pod's /data), accept the
-//! seed's tuning; `bootstrap.sh`, given the bundle's `REDIS_CLUSTER_REPLICAS`, forms the cluster
-//! with a replica per master and is a no-op when rerun; `ready.sh` holds a replica back until it
-//! is in sync; with one master killed its replica takes over and every slot range answers
-//! again; data survives a restart through the AOF; and `rejoin.sh` heals a cluster whose nodes
-//! all came back at new addresses.
+//! StatefulSet runs (three masters and their replicas), started as the pod starts them, by
+//! `start.sh` with the password in `REDISCLI_AUTH` (as the redis-auth Secret gives it) and the
+//! ConfigMap's `redis.conf` (only port, bind address and maxmemory given, as the StatefulSet gives
+//! maxmemory and the announced name; each in its own working directory as the pod's /data),
+//! accept the seed's tuning and refuse every client without the password (NOAUTH), the probes
+//! (`alive.sh`, `ready.sh`) included; `bootstrap.sh`, given the bundle's
+//! `REDIS_CLUSTER_REPLICAS` and the password, forms the cluster with a replica per master (each
+//! linked to its master with the password) and is a no-op when rerun, and without the password
+//! fails at once; `ready.sh` holds a replica back until it is in sync; with one master killed its
+//! replica takes over and every slot range answers again; data survives a restart through the
+//! AOF; and `rejoin.sh` heals a cluster whose nodes all came back at new addresses.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,14 @@ use deploy_tests::{repo_path, scratch_dir, tools};
 
 /// Masters of the cluster: each owns a third of the slots.
 const MASTERS: usize = 3;
+
+/// The password, as the redis-auth Secret holds it (deploy.sh writes 48 hex digits).
+const PASSWORD: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a6978";
+
+/// The variable every script and redis-cli of the pod reads the password from.
+fn auth() -> (&'static str, String) {
+    ("REDISCLI_AUTH", PASSWORD.to_owned())
+}
 
 /// Replicas per master, as production's bootstrap Job gets it from the `redis-env` ConfigMap.
 fn replicas_per_master() -> usize {
@@ -48,13 +59,30 @@ fn free_port() -> u16 {
     }
 }
 
-fn cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new(tools::require("redis-cli"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+/// redis-cli against the node on `port`, authenticated with `password` (through
+/// `REDISCLI_AUTH`, as in the pod) or not at all.
+fn redis_cli(port: u16, password: Option<&str>) -> Command {
+    let mut command = Command::new(tools::require("redis-cli"));
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    command.env_remove("REDISCLI_AUTH");
+    if let Some(password) = password {
+        command.env("REDISCLI_AUTH", password);
+    }
+    command
+}
+
+/// What redis-cli prints for `args`, authenticated with `password` or not at all.
+fn cli_as(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    let output = redis_cli(port, password)
         .args(args)
         .output()
         .expect("running redis-cli");
     String::from_utf8_lossy(&output.stdout).replace('\r', "")
+}
+
+/// redis-cli with the password.
+fn cli(port: u16, args: &[&str]) -> String {
+    cli_as(port, Some(PASSWORD), args)
 }
 
 fn info_field(port: u16, field: &str) -> String {
@@ -79,9 +107,12 @@ struct Node {
 }
 
 impl Node {
+    /// Starts a node as the StatefulSet does: `start.sh` with the password in REDISCLI_AUTH.
     fn start(dir: &Path, port: u16) -> Node {
         std::fs::create_dir_all(dir).unwrap();
-        let child = Command::new(tools::require("redis-server"))
+        let _ = tools::require("redis-server");
+        let child = Command::new("sh")
+            .arg(repo_path("k8s/redis/start.sh"))
             .arg(repo_path("k8s/redis/redis.conf"))
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             // What the StatefulSet passes: maxmemory, and the name clients are redirected to
@@ -97,6 +128,7 @@ impl Node {
             ])
             .arg("--logfile")
             .arg(dir.join("redis.log"))
+            .env("REDISCLI_AUTH", PASSWORD)
             // As in the pod: files land in the working directory.
             .current_dir(dir)
             .stdout(Stdio::null())
@@ -131,9 +163,11 @@ impl Drop for Node {
     }
 }
 
+/// Runs a script of the bundle with exactly the Redis credentials `env` gives (none when it
+/// gives no REDISCLI_AUTH).
 fn run_script(script: &str, env: &[(&str, String)]) -> Output {
     let mut command = Command::new("sh");
-    command.arg(repo_path(script));
+    command.arg(repo_path(script)).env_remove("REDISCLI_AUTH");
     for (key, value) in env {
         command.env(key, value);
     }
@@ -202,10 +236,18 @@ fn cluster_nodes(port: u16) -> Vec<ClusterNode> {
         .collect()
 }
 
-/// Runs `ready.sh` (the readiness probe) against the node on `port`.
+/// Runs `ready.sh` (the readiness probe) against the node on `port`, with the password.
 fn ready(port: u16) -> bool {
-    let probe = run_script("k8s/redis/ready.sh", &[("REDIS_PORT", port.to_string())]);
-    probe.status.success()
+    let env = [("REDIS_PORT", port.to_string()), auth()];
+    run_script("k8s/redis/ready.sh", &env).status.success()
+}
+
+/// Runs `alive.sh` (the startup and liveness probe) against the node on `port`, with the
+/// password or without.
+fn alive(port: u16, password: Option<&str>) -> bool {
+    let mut env = vec![("REDIS_PORT", port.to_string())];
+    env.extend(password.map(|p| ("REDISCLI_AUTH", p.to_owned())));
+    run_script("k8s/redis/alive.sh", &env).status.success()
 }
 
 /// A key whose slot lies in `from..=to`.
@@ -222,14 +264,64 @@ fn key_in(port: u16, (from, to): (u16, u16)) -> String {
         .unwrap()
 }
 
-/// A command through the cluster (redis-cli follows redirects), answered by way of `port`.
+/// A command through the cluster (redis-cli follows redirects, authenticating at each node),
+/// answered by way of `port`.
 fn cluster_cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new(tools::require("redis-cli"))
-        .args(["-c", "-h", "127.0.0.1", "-p", &port.to_string()])
+    let output = redis_cli(port, Some(PASSWORD))
+        .arg("-c")
         .args(args)
         .output()
         .expect("running redis-cli");
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Every node refuses a client without the password, or with a wrong one, and its probes
+/// pass only with the password; the password is the one start.sh was given, for clients
+/// (requirepass) and for the replica's link to its master (masterauth).
+fn assert_authentication_required(port: u16) {
+    let refused = "NOAUTH Authentication required.";
+    assert_eq!(cli_as(port, None, &["ping"]).trim(), refused, "no password");
+    let wrong = redis_cli(port, Some("not-the-password"))
+        .arg("ping")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("WRONGPASS"), "a wrong password: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&wrong.stdout).trim(), refused);
+    let unauthenticated = cli_as(port, None, &["set", "fs:{act:9}:stock", "1"]);
+    assert_eq!(
+        unauthenticated.trim(),
+        refused,
+        "a write without the password"
+    );
+    assert_eq!(cli(port, &["ping"]).trim(), "PONG", "with the password");
+    for key in ["requirepass", "masterauth"] {
+        let answer = cli(port, &["config", "get", key]);
+        assert_eq!(answer.lines().nth(1), Some(PASSWORD), "{key}: {answer}");
+    }
+    assert!(alive(port, Some(PASSWORD)), "alive.sh with the password");
+    assert!(!alive(port, None), "alive.sh passes without the password");
+}
+
+#[test]
+fn start_refuses_a_missing_or_unsafe_password() {
+    for (password, why) in [
+        ("", "empty"),
+        ("pass word", "only letters"),
+        ("p@ss:word", "only letters"),
+    ] {
+        let output = Command::new("sh")
+            .arg(repo_path("k8s/redis/start.sh"))
+            .arg(repo_path("k8s/redis/redis.conf"))
+            .env("REDISCLI_AUTH", password)
+            .output()
+            .expect("running start.sh");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(why),
+            "{password:?}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -267,11 +359,34 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
         );
     }
 
-    // First run: forms the cluster.
+    // Nobody gets in without the password; the probes use it.
+    for &port in &ports {
+        assert_authentication_required(port);
+    }
+
+    // Without the password the bootstrap stops at once, naming the node that refused it,
+    // rather than wait for its deadline.
     let env = [
         ("REDIS_NODES", nodes_list(&ports)),
         ("REDIS_CLUSTER_REPLICAS", per_master.to_string()),
         ("BOOTSTRAP_TIMEOUT_SECONDS", "60".to_owned()),
+    ];
+    let started = Instant::now();
+    let refused = run_script("k8s/redis/bootstrap.sh", &env);
+    let log = String::from_utf8_lossy(&refused.stdout).into_owned();
+    assert!(
+        !refused.status.success() && log.contains("refuses our password"),
+        "bootstrap without the password:\n{log}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "it waited");
+    assert_eq!(info_field(ports[0], "cluster_known_nodes"), "1");
+
+    // First run with the password, as the Job has it: forms the cluster.
+    let env = [
+        ("REDIS_NODES", nodes_list(&ports)),
+        ("REDIS_CLUSTER_REPLICAS", per_master.to_string()),
+        ("BOOTSTRAP_TIMEOUT_SECONDS", "60".to_owned()),
+        auth(),
     ];
     let first = run_script("k8s/redis/bootstrap.sh", &env);
     let log = String::from_utf8_lossy(&first.stdout).into_owned()
@@ -310,12 +425,29 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
             master.port
         );
     }
-    // Ready (the readiness probe) once every replica is in sync.
+    // Ready (the readiness probe) once every replica is in sync: linked to its master, which
+    // admits it only with the password (masterauth).
     for &port in &ports {
         wait_until(
             &format!("node {port} ready"),
             Duration::from_secs(30),
             || ready(port),
+        );
+    }
+    for replica in view.iter().filter(|n| !n.master) {
+        let info = cli(replica.port, &["info", "replication"]);
+        assert!(
+            info.contains("role:slave") && info.contains("master_link_status:up"),
+            "replica on {}: {info}",
+            replica.port
+        );
+        let probe = run_script(
+            "k8s/redis/ready.sh",
+            &[("REDIS_PORT", replica.port.to_string())],
+        );
+        assert!(
+            !probe.status.success(),
+            "ready.sh passes without the password"
         );
     }
 
@@ -448,6 +580,7 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
         &[
             ("REDIS_PORT", moved[0].to_string()),
             ("REDIS_NODES", nodes_list(&moved[1..])),
+            auth(),
         ],
     );
     assert!(
@@ -469,20 +602,9 @@ fn the_cluster_forms_once_keeps_its_data_and_heals_after_every_node_moved() {
         );
     }
 
-    // The data came back from the AOF.
-    let get = Command::new(tools::require("redis-cli"))
-        .args([
-            "-c",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &moved[2].to_string(),
-            "get",
-            "fs:{act:1}:stock",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "10000");
+    // The data came back from the AOF, and a restarted node still wants the password.
+    assert_eq!(cluster_cli(moved[2], &["get", "fs:{act:1}:stock"]), "10000");
+    assert_authentication_required(moved[2]);
     drop(nodes);
 }
 
@@ -497,6 +619,7 @@ fn the_hook_leaves_a_node_without_slots_alone() {
         &[
             ("REDIS_PORT", port.to_string()),
             ("REDIS_NODES", format!("127.0.0.1:{other}")),
+            auth(),
         ],
     );
     assert!(hook.status.success());

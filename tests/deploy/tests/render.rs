@@ -146,7 +146,7 @@ fn built_in_objects_pass_strict_schema_validation_for_kubernetes_1_30() {
         }
     }
     // The negative control: the same validator and version, one field that does not exist.
-    let mut deployment = Overlay::Staging
+    let mut deployment = Overlay::Dev
         .rendered()
         .get("Deployment", "gateway")
         .0

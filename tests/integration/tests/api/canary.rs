@@ -7,7 +7,8 @@
 //! canary, and a broken canary whose Redis is gone (every order answers 503). The command must
 //! promote the healthy one, abort the broken one, call neither before any traffic, and run
 //! exactly the right `kubectl argo rollouts` command, recorded by a stand-in kubectl (there is no
-//! cluster).
+//! cluster) that answers with a Rollout paused at its last, manual pause step (the only place the
+//! command acts; its unit tests cover the refusals).
 
 #[path = "../../../../xtask/src/canary.rs"]
 mod command;
@@ -287,9 +288,23 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// The production order-service steps as the Rollout's spec holds them: four raises, each after
+/// a timed pause and an analysis, then the manual gate (index 12).
+fn order_service_steps() -> Value {
+    let analysis = json!({"analysis": {"templates": [{"templateName": "flash-sale-canary"}]}});
+    let mut steps = Vec::new();
+    for weight in [10, 25, 50, 75] {
+        steps.push(json!({"setWeight": weight}));
+        steps.push(json!({"pause": {"duration": "5m"}}));
+        steps.push(analysis.clone());
+    }
+    steps.push(json!({"pause": {}}));
+    Value::Array(steps)
+}
+
 /// A stand-in for kubectl: records every call in `calls.log`, answers `get` for the Rollout
-/// with `rollout.json` and `argo rollouts promote|abort` as the plugin would, and fails on
-/// anything else.
+/// with `rollout.json` (the production steps, and `rollout_status`) and `argo rollouts
+/// promote|abort` as the plugin would, and fails on anything else.
 struct StandInKubectl {
     program: PathBuf,
     dir: tempfile::TempDir,
@@ -306,6 +321,7 @@ impl StandInKubectl {
             path("rollout.json"),
             json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
                    "metadata": {"name": SERVICE, "namespace": NAMESPACE},
+                   "spec": {"strategy": {"canary": {"steps": order_service_steps()}}},
                    "status": rollout_status})
             .to_string(),
         )
@@ -455,7 +471,7 @@ async fn the_promotion_command_promotes_a_healthy_canary_and_aborts_a_broken_one
     // it answers enough orders in a short test to be judged.
     let mut lost_redis = PrivateRedis::start().await.unwrap();
     let mut settings = order_settings(&stack);
-    settings.redis.url = lost_redis.url.clone();
+    settings.redis.url = flash_sale_common::configuration::Secret::new(lost_redis.url.clone());
     settings.redis.response_timeout_ms = 200;
     settings.consumer.enabled = false;
     let broken = ServiceProcess::spawn(ServiceSettings::Order(settings))
@@ -479,9 +495,15 @@ async fn the_promotion_command_promotes_a_healthy_canary_and_aborts_a_broken_one
         )
         .await
         .unwrap();
-    let kubectl = StandInKubectl::new(
-        &json!({"phase": "Paused", "currentPodHash": HEALTHY_CANARY, "stableRS": STABLE}),
-    );
+    // Paused at its last pause step, the manual gate, by that step.
+    let kubectl = StandInKubectl::new(&json!({
+        "phase": "Paused",
+        "currentPodHash": HEALTHY_CANARY,
+        "stableRS": STABLE,
+        "currentStepIndex": 12,
+        "controllerPause": true,
+        "pauseConditions": [{"reason": "CanaryPauseStep", "startTime": "2025-01-01T00:00:00Z"}],
+    }));
 
     // Before any traffic: nothing to judge, nothing changed. The hashes come from the Rollout.
     let outcome = command::promote(&options(&prometheus, &kubectl, None))
@@ -565,7 +587,8 @@ async fn the_promotion_command_promotes_a_healthy_canary_and_aborts_a_broken_one
         ]
     );
 
-    // The broken canary (hashes given): aborted, while the stable beside it is healthy.
+    // The broken canary (hashes given; the Rollout is still read for its step): aborted, while
+    // the stable beside it is healthy.
     let outcome = command::promote(&options(
         &prometheus,
         &kubectl,
@@ -588,7 +611,10 @@ async fn the_promotion_command_promotes_a_healthy_canary_and_aborts_a_broken_one
     );
     assert_eq!(
         kubectl.take_calls(),
-        [format!("argo rollouts abort {SERVICE} -n {NAMESPACE}")]
+        [
+            format!("get rollouts.argoproj.io {SERVICE} -n {NAMESPACE} -o json"),
+            format!("argo rollouts abort {SERVICE} -n {NAMESPACE}"),
+        ]
     );
 
     // The command line, as `nix run .#promote` runs it: a dry run prints and changes nothing;
