@@ -64,11 +64,11 @@ impl Live {
                     };
                     let stores = sampler.latest().map_or_else(
                         || "stock ?  queue ?".to_owned(),
-                        |s| format!("stock left {}  queue {}", s.stock, s.queue),
+                        |s| format!("stock {}  queue {}", s.stock, s.queue),
                     );
                     bar.set_position(progress.buyers_done.load(Ordering::Relaxed) as u64);
                     bar.set_message(format!(
-                        "{rate:>7.0} requests/s  accepted {}  {stores}  p99 so far {:.0} ms",
+                        "{rate:>6.0} req/s  accepted {}  {stores}  p99 {:.0} ms",
                         progress.accepted.load(Ordering::Relaxed),
                         progress.latency_quantile_ms(0.99)
                     ));

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use flash_sale_common::api;
 use flash_sale_tests::apps::{buyer_clients, http_client};
+use flash_sale_tests::browser;
 use flash_sale_tests::payments::PaymentSimulator;
 use flash_sale_tests::report::{Phase, RunReport, Sampler};
 use flash_sale_tests::scenario::{
     Admin, LoadProgress, LoadReport, SaleConfig, Stores, after_the_sale, drive_sale_with,
 };
-use flash_sale_tests::stack::{BrokerStorage, Stack};
+use flash_sale_tests::stack::{BrokerStorage, Stack, StackOptions};
 
 use crate::live::Live;
 use crate::services::{self, LOCAL_ADMIN_TOKEN, LOCAL_PAYMENT_SECRET};
@@ -23,6 +24,7 @@ struct Options {
     compare_wrk: bool,
     pay_timeout_secs: i64,
     direct: bool,
+    redis_cluster: bool,
 }
 
 /// How long a buyer refused with a 429 or a 5xx goes on trying, as people do: the gateway meters
@@ -66,6 +68,10 @@ pub(crate) struct Args {
     /// once, as before the gateway was on the main job's path).
     #[arg(long)]
     direct: bool,
+    /// Run the services on a three-master Redis Cluster (formed by the bundle's
+    /// `k8s/redis/bootstrap.sh`, the services in `redis.cluster` mode) instead of one Redis.
+    #[arg(long)]
+    redis_cluster: bool,
 }
 
 impl Options {
@@ -120,6 +126,7 @@ impl Args {
             compare_wrk: self.compare_wrk,
             pay_timeout_secs: self.pay_timeout_secs,
             direct: self.direct,
+            redis_cluster: self.redis_cluster,
         }
     }
 }
@@ -138,7 +145,13 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         "starting a private Redis, MariaDB and nisshi broker under {}",
         root.display()
     );
-    let stack = Stack::start_in(BrokerStorage::Sqlite, Some(&root), false).await?;
+    let stack = Stack::start_with(StackOptions {
+        storage: BrokerStorage::Sqlite,
+        root: Some(root.clone()),
+        detached: false,
+        redis_cluster: o.redis_cluster,
+    })
+    .await?;
     let info = stack.info().clone();
     let mut children = Vec::new();
     let mut started = Vec::new();
@@ -300,6 +313,7 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         let html_path = root.join("report.html");
         std::fs::write(&html_path, page.html())?;
         written = Some((html_path.clone(), report_path.clone()));
+        check_in_browser(&html_path)?;
         if o.hey {
             run_hey(&order_url)?;
         }
@@ -331,6 +345,29 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         );
     }
     result
+}
+
+/// Opens the report in headless Chromium, as the browser test does: the page's own check must
+/// find every chart drawn; a screenshot lands beside it (`report.png`).
+fn check_in_browser(page: &std::path::Path) -> anyhow::Result<()> {
+    let url = format!("file://{}", page.canonicalize()?.display());
+    let dom = browser::dump_dom(&url)?;
+    let verdict = dom
+        .split("id=\"render-check\"")
+        .nth(1)
+        .and_then(|t| t.split_once('>'))
+        .and_then(|(_, t)| t.split_once('<'))
+        .map_or("no render check in the page", |(t, _)| t);
+    if !verdict.starts_with("render check: all") {
+        bail!("the report did not render in Chromium: {verdict}");
+    }
+    let shot = page.with_extension("png");
+    browser::screenshot(&url, &shot, (1100, 3200))?;
+    println!(
+        "Chromium rendered the report ({verdict}); screenshot {}",
+        shot.display()
+    );
+    Ok(())
 }
 
 /// The phases of the run, each ending when [`Timeline::mark`] names it.

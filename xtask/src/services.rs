@@ -190,6 +190,7 @@ impl Launch {
             .env("FLASH_SALE_MANAGEMENT__HOST", "127.0.0.1")
             .env("FLASH_SALE_MANAGEMENT__PORT", management_port.to_string())
             .env("FLASH_SALE_REDIS__URL", stack.redis_url())
+            .env("FLASH_SALE_REDIS__CLUSTER", stack.redis_cluster.to_string())
             .env("FLASH_SALE_DATABASE__URL", stack.database_url())
             .env("FLASH_SALE_KAFKA__BROKERS", stack.brokers())
             .env("FLASH_SALE_INVENTORY__ADMIN_TOKEN", LOCAL_ADMIN_TOKEN)

@@ -238,6 +238,22 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
+impl RedisConnection {
+    /// Connects to `url`: one Redis (a managed connection, which reconnects after the server
+    /// comes back), or, when it lists several nodes (comma separated), the cluster they form.
+    /// For tools and tests; the services connect through [`Redis::connect`], with their settings.
+    pub async fn open(url: &str) -> Result<Self, RedisError> {
+        if url.contains(',') {
+            let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+            let client = redis::cluster::ClusterClient::new(nodes)?;
+            Ok(Self::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(url)?;
+            Ok(Self::Single(ConnectionManager::new(client).await?))
+        }
+    }
+}
+
 /// The process' Redis handle: one multiplexed connection shared by every task, with an explicit
 /// bound on calls in flight (`redis.max_in_flight`) and a timeout on each call.
 ///

@@ -27,6 +27,7 @@ pub fn order_settings(stack: &Stack) -> order_service::Settings {
         ..Default::default()
     };
     s.redis.url = Secret::new(stack.redis_url());
+    s.redis.cluster = stack.info().redis_cluster;
     s.database.url = Secret::new(stack.database_url());
     s.kafka.brokers = stack.brokers();
     s.kafka.message_timeout_ms = 3000;
@@ -50,6 +51,7 @@ pub fn inventory_settings(stack: &Stack) -> inventory_service::Settings {
         ..Default::default()
     };
     s.redis.url = Secret::new(stack.redis_url());
+    s.redis.cluster = stack.info().redis_cluster;
     s.database.url = Secret::new(stack.database_url());
     s.inventory.admin_token = Secret::new(ADMIN_TOKEN);
     s.inventory.warmup_interval_secs = 0;
@@ -72,6 +74,7 @@ pub fn gateway_settings(stack: &Stack, order_url: &str, inventory_url: &str) -> 
     s.upstreams.order_service = order_url.to_owned();
     s.upstreams.inventory_service = inventory_url.to_owned();
     s.redis.url = Secret::new(stack.redis_url());
+    s.redis.cluster = stack.info().redis_cluster;
     s.auth.hs256_secret = Secret::new(JWT_SECRET);
     s.telemetry.log_format = LogFormat::Pretty;
     s

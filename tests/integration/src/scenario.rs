@@ -488,12 +488,18 @@ fn keys(activity: i64) -> anyhow::Result<ActivityKeys> {
 #[derive(Clone)]
 pub struct Stores {
     pub db: MySqlPool,
-    pub redis: redis::aio::MultiplexedConnection,
+    pub redis: StoreConnection,
 }
 
+/// A connection to the single Redis or to a Redis Cluster (a `redis_url` listing several
+/// nodes, comma separated, as [`crate::stack::StackInfo::redis_url`] gives a cluster's): the
+/// services' own connection type. Cloning shares the socket(s).
+pub use flash_sale_common::redis::RedisConnection as StoreConnection;
+
 /// Lua scripts Redis has run so far (`EVALSHA`, and `EVAL` for a script not cached yet), from
-/// `INFO commandstats`: what a test counts to show that calls were saved.
-pub async fn scripts_run(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+/// `INFO commandstats`: what a test counts to show that calls were saved. (On a cluster, the
+/// node the command is routed to.)
+pub async fn scripts_run(conn: &mut impl redis::aio::ConnectionLike) -> anyhow::Result<u64> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
@@ -517,8 +523,7 @@ impl Stores {
         let db = MySqlPool::connect(database_url)
             .await
             .context("connecting to MySQL")?;
-        let redis = redis::Client::open(redis_url)?
-            .get_multiplexed_async_connection()
+        let redis = StoreConnection::open(redis_url)
             .await
             .context("connecting to Redis")?;
         Ok(Self { db, redis })

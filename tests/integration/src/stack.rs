@@ -3,7 +3,9 @@
 //! Dropping a [`Stack`] stops them and deletes the directory; [`Stack::detach`] keeps them running
 //! (`cargo xtask up`). [`Stack::kill`] and [`Stack::restart`] crash a server with SIGKILL and
 //! start it again on the same port and data (the crash drills). [`Stack::start_redis_only`]
-//! starts Redis alone, for tests that need nothing else.
+//! starts Redis alone, for tests that need nothing else. [`Stack::start_with`] with
+//! [`StackOptions::redis_cluster`] runs a three-master Redis Cluster instead of one Redis, formed
+//! by the Kubernetes bundle's own `k8s/redis/` files (see `Stack::start_redis_cluster`).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -47,11 +49,30 @@ pub struct StackInfo {
     pub mysql_password: String,
     pub broker_storage: BrokerStorage,
     pub pids: Vec<u32>,
+    /// A Redis Cluster (the services' `redis.cluster` mode) rather than one Redis.
+    #[serde(default)]
+    pub redis_cluster: bool,
+    /// The cluster's nodes (masters), when [`StackInfo::redis_cluster`].
+    #[serde(default)]
+    pub redis_cluster_ports: Vec<u16>,
+    /// The password every cluster node requires (empty for the single Redis, which has none).
+    #[serde(default)]
+    pub redis_password: String,
 }
 
 impl StackInfo {
+    /// The single Redis' URL; for a cluster, every node's, with the password, comma separated
+    /// (what `redis.url` takes in cluster mode).
     pub fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.redis_port)
+        if self.redis_cluster {
+            self.redis_cluster_ports
+                .iter()
+                .map(|port| format!("redis://:{}@127.0.0.1:{port}", self.redis_password))
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            format!("redis://127.0.0.1:{}", self.redis_port)
+        }
     }
 
     /// DSN of the application user on the `flash_sale` database.
@@ -67,10 +88,40 @@ impl StackInfo {
     }
 }
 
+/// How to start a stack ([`Stack::start_with`]).
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub storage: BrokerStorage,
+    /// Where the temporary directory goes (`None`: the system's temp dir).
+    pub root: Option<PathBuf>,
+    /// Keep the servers running after the [`Stack`] is dropped (`cargo xtask up`).
+    pub detached: bool,
+    /// A three-master Redis Cluster instead of one Redis.
+    pub redis_cluster: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            storage: BrokerStorage::Sqlite,
+            root: None,
+            detached: false,
+            redis_cluster: false,
+        }
+    }
+}
+
+/// Masters of the stack's Redis Cluster, as the bundle's StatefulSet runs them. No replicas:
+/// the suite checks the services on a cluster's slots and redirects, not failover
+/// (`tests/deploy/tests/redis_bootstrap.rs` checks that).
+pub const REDIS_CLUSTER_MASTERS: usize = 3;
+
 /// A running stack; dropping it stops every server and removes its files.
 pub struct Stack {
     info: StackInfo,
     redis: Option<Child>,
+    /// The Redis Cluster's nodes, when the stack runs one instead of `redis`.
+    redis_nodes: Vec<Child>,
     mysql: Option<Child>,
     broker: Option<Child>,
     detached: bool,
@@ -250,6 +301,21 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Starts a stack as `options` say; with [`StackOptions::redis_cluster`], a Redis Cluster
+    /// (`Stack::start_redis_cluster`) takes the single Redis' place.
+    pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
+        let mut stack = Self::empty(options.storage, options.root.as_deref(), options.detached)?;
+        if options.redis_cluster {
+            stack.start_redis_cluster()?;
+        } else {
+            stack.start_redis()?;
+        }
+        stack.start_mysql().await?;
+        stack.start_broker()?;
+        stack.refresh_pids();
+        Ok(stack)
+    }
+
     /// Starts Redis alone, for tests that need nothing else (the gateway's cluster-wide bucket):
     /// MariaDB's start-up and migrations take seconds. Such a stack has no database and no
     /// broker, so [`Stack::database_url`] and [`Stack::brokers`] name nothing that listens, and
@@ -257,6 +323,14 @@ impl Stack {
     pub fn start_redis_only() -> anyhow::Result<Self> {
         let mut stack = Self::empty(BrokerStorage::Memory, None, false)?;
         stack.start_redis()?;
+        Ok(stack)
+    }
+
+    /// Starts a Redis Cluster alone ([`Stack::start_redis_only`]'s twin), for the gateway's
+    /// cluster-wide bucket on a cluster.
+    pub fn start_redis_cluster_only() -> anyhow::Result<Self> {
+        let mut stack = Self::empty(BrokerStorage::Memory, None, false)?;
+        stack.start_redis_cluster()?;
         Ok(stack)
     }
 
@@ -282,8 +356,12 @@ impl Stack {
                 mysql_password: password,
                 broker_storage: storage,
                 pids: Vec::new(),
+                redis_cluster: false,
+                redis_cluster_ports: Vec::new(),
+                redis_password: String::new(),
             },
             redis: None,
+            redis_nodes: Vec::new(),
             mysql: None,
             broker: None,
             detached,
@@ -317,6 +395,7 @@ impl Stack {
         self.info.pids = [&self.redis, &self.mysql, &self.broker]
             .into_iter()
             .flatten()
+            .chain(&self.redis_nodes)
             .map(Child::id)
             .collect();
     }
@@ -326,16 +405,27 @@ impl Stack {
         self.child(server).as_ref().map(Child::id)
     }
 
-    /// Crashes one server: SIGKILL, no chance to flush or say goodbye.
+    /// Crashes one server: SIGKILL, no chance to flush or say goodbye. [`Server::Redis`] on a
+    /// Redis Cluster kills every node.
     pub fn kill(&mut self, server: Server) {
         if let Some(mut child) = self.child(server).take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if server == Server::Redis {
+            for mut node in self.redis_nodes.drain(..) {
+                let _ = node.kill();
+                let _ = node.wait();
+            }
+        }
     }
 
-    /// Starts a server again after [`Stack::kill`], on the same port and the same data.
+    /// Starts a server again after [`Stack::kill`], on the same port and the same data. (Not a
+    /// Redis Cluster's nodes: no test needs it.)
     pub fn restart(&mut self, server: Server) -> anyhow::Result<()> {
+        if server == Server::Redis && self.info.redis_cluster {
+            bail!("restarting a Redis Cluster's nodes is not supported");
+        }
         match server {
             Server::Redis => self.start_redis(),
             Server::Mysql => self.spawn_mysql(),
@@ -402,6 +492,121 @@ impl Stack {
         )?;
         self.info.redis_port = port;
         self.redis = Some(child);
+        Ok(())
+    }
+
+    /// Starts a Redis Cluster of [`REDIS_CLUSTER_MASTERS`] masters as the bundle runs one: each
+    /// node by `k8s/redis/start.sh` with the ConfigMap's `k8s/redis/redis.conf` and the password
+    /// in `REDISCLI_AUTH` (as the StatefulSet does; each in its own directory, as the pod's
+    /// /data), then `k8s/redis/bootstrap.sh` forms the cluster (`REDIS_CLUSTER_REPLICAS=0`), and
+    /// the start waits until every node sees it `ok`.
+    fn start_redis_cluster(&mut self) -> anyhow::Result<()> {
+        let bundle = bundle_redis_dir();
+        let redis_cli = program("redis-cli")?;
+        let redis_server = program("redis-server")?;
+        // start.sh and bootstrap.sh call the programs by name.
+        let mut path = vec![
+            redis_cli
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            redis_server
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        ];
+        path.extend(
+            std::env::var_os("PATH")
+                .map_or_else(Vec::new, |p| std::env::split_paths(&p).collect::<Vec<_>>()),
+        );
+        let path = std::env::join_paths(path)?;
+        let password = format!("rc{:016x}", rand_u64());
+        let ports = cluster_ports(REDIS_CLUSTER_MASTERS)?;
+        for (i, &port) in ports.iter().enumerate() {
+            let name = format!("redis-node-{i}");
+            let dir = self.info.dir.join(&name);
+            std::fs::create_dir_all(&dir)?;
+            let mut cmd = Command::new("sh");
+            cmd.arg(bundle.join("start.sh"))
+                .arg(bundle.join("redis.conf"))
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                // What the StatefulSet adds: the name clients are redirected to (there the
+                // pod's DNS name; redis.conf prefers hostnames in redirects).
+                .args([
+                    "--cluster-announce-hostname",
+                    "127.0.0.1",
+                    "--daemonize",
+                    "no",
+                ])
+                .env("REDISCLI_AUTH", &password)
+                .env("PATH", &path)
+                .current_dir(&dir);
+            let mut child = spawn_logged(cmd, &self.info.dir, &name, self.detached)?;
+            let log = self.info.dir.join(format!("{name}.log"));
+            let up = wait_for_port(port, &mut child, "redis-server (cluster node)", &log);
+            self.redis_nodes.push(child);
+            up?;
+        }
+        let nodes = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = Command::new("sh")
+            .arg(bundle.join("bootstrap.sh"))
+            .env("REDIS_NODES", nodes)
+            .env("REDIS_CLUSTER_REPLICAS", "0")
+            .env("BOOTSTRAP_TIMEOUT_SECONDS", "60")
+            .env("REDISCLI_AUTH", &password)
+            .env("PATH", &path)
+            .stdin(Stdio::null())
+            .output()
+            .context("running k8s/redis/bootstrap.sh")?;
+        let log = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        std::fs::write(self.info.dir.join("redis-bootstrap.log"), &log)?;
+        if !out.status.success() {
+            bail!("k8s/redis/bootstrap.sh failed ({}):\n{log}", out.status);
+        }
+        // Every node's view settles: all slots assigned, every node known, state ok.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &port in &ports {
+            loop {
+                let info = Command::new(&redis_cli)
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                        "cluster",
+                        "info",
+                    ])
+                    .env("REDISCLI_AUTH", &password)
+                    .output()
+                    .context("running redis-cli")?;
+                let info = String::from_utf8_lossy(&info.stdout).replace('\r', "");
+                let field = |name: &str| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                if field("cluster_state") == "ok"
+                    && field("cluster_slots_assigned") == "16384"
+                    && field("cluster_known_nodes") == REDIS_CLUSTER_MASTERS.to_string()
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the Redis Cluster node on {port} is not ok after 30 s:\n{info}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        self.info.redis_cluster = true;
+        self.info.redis_port = ports[0];
+        self.info.redis_cluster_ports = ports;
+        self.info.redis_password = password;
         Ok(())
     }
 
@@ -527,6 +732,7 @@ impl Drop for Stack {
         for child in [&mut self.broker, &mut self.mysql, &mut self.redis]
             .into_iter()
             .flatten()
+            .chain(&mut self.redis_nodes)
         {
             let _ = child.kill();
             let _ = child.wait();
@@ -535,7 +741,58 @@ impl Drop for Stack {
     }
 }
 
+/// The bundle's Redis files (`k8s/redis/` of the repository).
+fn bundle_redis_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../k8s/redis")
+}
+
+/// `count` distinct free ports whose cluster-bus twins (port + 10000) are free as well.
+fn cluster_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let mut ports: Vec<u16> = Vec::new();
+    for _ in 0..1000 {
+        if ports.len() == count {
+            return Ok(ports);
+        }
+        let port = free_port()?;
+        if port < 55_000
+            && !ports.contains(&port)
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            ports.push(port);
+        }
+    }
+    bail!("no {count} free ports with free cluster-bus ports (port + 10000)")
+}
+
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stack written down by `cargo xtask up` before cluster mode existed reads back as the
+    /// single Redis it was; a cluster's URL lists every node with the password, as the services'
+    /// `redis.url` takes it in cluster mode.
+    #[test]
+    fn redis_url_names_the_single_redis_or_every_cluster_node() {
+        let old = r#"{"dir":"/tmp/s","redis_port":7001,"mysql_port":7002,"broker_port":7003,
+            "mysql_password":"pw","broker_storage":"Sqlite","pids":[1,2,3]}"#;
+        let mut info: StackInfo = serde_json::from_str(old).unwrap();
+        assert!(!info.redis_cluster);
+        assert_eq!(info.redis_url(), "redis://127.0.0.1:7001");
+
+        info.redis_cluster = true;
+        info.redis_cluster_ports = vec![7001, 7011, 7021];
+        info.redis_password = "secret".into();
+        assert_eq!(
+            info.redis_url(),
+            "redis://:secret@127.0.0.1:7001,redis://:secret@127.0.0.1:7011,\
+             redis://:secret@127.0.0.1:7021"
+        );
+        let back: StackInfo = serde_json::from_str(&serde_json::to_string(&info).unwrap()).unwrap();
+        assert_eq!(back.redis_url(), info.redis_url());
+    }
 }

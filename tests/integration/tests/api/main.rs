@@ -12,5 +12,6 @@ mod hey;
 mod inventory;
 mod lifecycle;
 mod metric_names;
+mod redis_cluster;
 mod report;
 mod sale;
