@@ -21,7 +21,7 @@ use axum::Router;
 use axum::routing::post;
 use flash_sale_tests::apps::http_client;
 use flash_sale_tests::scenario::{Admin, Stores};
-use flash_sale_tests::stack::{BrokerStorage, Stack, free_port};
+use flash_sale_tests::stack::{BrokerStorage, Server, Stack, free_port};
 
 use crate::services::{self, LOCAL_ADMIN_TOKEN};
 use flash_sale_common::api;
@@ -37,6 +37,9 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     non_2xx_3xx: u64,
+    /// wrk's `Socket errors:` (connect + read + write + timeout): connections that failed, not
+    /// answers; a run with many measures reconnecting, not serving.
+    socket_errors: u64,
 }
 
 /// `cargo xtask bench`.
@@ -83,7 +86,7 @@ const ARMS: [&str; 3] = [
 
 async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     let root = services::workspace_root().join("target/flash-sale");
-    let stack = Stack::start_in(o.broker, Some(&root), false).await?;
+    let mut stack = Stack::start_in(o.broker, Some(&root), false).await?;
     let info = stack.info().clone();
     let script = root.join("order.lua");
     std::fs::write(
@@ -150,6 +153,13 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
         ),
         ("FLASH_SALE_AUTH__TRUST_BODY_USER_ID", "true".to_owned()),
         ("FLASH_SALE_RULES__FILE", rules.display().to_string()),
+        // wrk's connections all come from 127.0.0.1: past the cap of 512 per address they would
+        // be closed at once and reopened in a loop, and the arm would measure that churn (wrk
+        // and the gateway spent 140 to 190 us per order on it), not the gateway's cost.
+        (
+            "FLASH_SALE_CONNECTIONS__MAX_CONNECTIONS_PER_IP",
+            "0".to_owned(),
+        ),
     ];
     let (child, gateway) = services::start_with("gateway", &info, false, &gateway_env)?;
     let gateway_pid = child.id();
@@ -160,15 +170,24 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     let bare_pid = child.id();
     children.push(child);
 
-    // Per round, the accepted rate of each arm. Per accepted run: its name, the CPU per request
-    // of order-service, the bare proxy and the gateway, and of the whole machine from the start
-    // of the run until its orders were written.
+    // Per round, the accepted rate of each arm. Per accepted run: its name, the CPU per accepted
+    // order of every process of the path (from the start of the run until its orders were
+    // written), and of the whole machine over the same time.
     let mut rounds = Vec::new();
     let mut cpu = Vec::new();
     let mut machine_rounds = Vec::new();
     let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
     let mut activities = accepted_activities;
-    let pids = [order_pid, bare_pid, gateway_pid];
+    let servers =
+        [Server::Redis, Server::Broker, Server::Mysql].map(|server| stack.pid(server).unwrap_or(0));
+    let pids = [
+        order_pid,
+        bare_pid,
+        gateway_pid,
+        servers[0],
+        servers[1],
+        servers[2],
+    ];
     let urls = [order.url(), bare, gateway.url()];
     for round in 1..=o.rounds {
         let mut rates = [0.0; ARMS.len()];
@@ -181,7 +200,7 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
             let (arm, url) = (ARMS[i], &urls[i]);
             // Every earlier run's orders are in MySQL (waited for below): no run inherits a backlog.
             let activity = activities.next().context("one activity per run")?;
-            let before = pids.map(cpu_seconds);
+            let before = bill(&pids);
             let machine_before = machine_busy_seconds();
             let run = wrk(
                 &o,
@@ -191,11 +210,12 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
                 &activity.to_string(),
             )?;
             let per_request = |seconds: f64| seconds * 1e6 / run.requests.max(1) as f64;
-            let after = pids.map(cpu_seconds);
-            let process: [f64; 3] = std::array::from_fn(|p| per_request(after[p] - before[p]));
             stores
                 .wait_for_drain(activity, Duration::from_secs(300))
                 .await?;
+            let after = bill(&pids);
+            let process: [f64; PROCESSES.len()] =
+                std::array::from_fn(|p| per_request(after[p] - before[p]));
             machine[i] = per_request(machine_busy_seconds() - machine_before);
             let answered_2xx = run.requests.saturating_sub(run.non_2xx_3xx);
             check_invariants(&stores, activity, ACCEPTED_STOCK, answered_2xx, &run.name).await?;
@@ -258,17 +278,20 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
         o.connections,
         o.broker.name()
     );
-    println!("| run | requests/s | ratio to baseline | p50 ms | p99 ms | non-2xx/3xx |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| run | requests/s | ratio to baseline | p50 ms | p99 ms | non-2xx/3xx | socket errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &runs {
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
             r.name,
             r.requests_per_sec,
             r.requests_per_sec / base,
             r.p50_ms,
             r.p99_ms,
-            r.non_2xx_3xx
+            r.non_2xx_3xx,
+            r.socket_errors
         );
     }
     let shares = |f: fn(&[f64; ARMS.len()]) -> f64| -> String {
@@ -289,15 +312,40 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     );
 
     println!(
-        "\nCPU per request, in microseconds: each process's (user + system, /proc/<pid>/stat), and the"
+        "\nCPU per accepted order, in microseconds, from the start of each run until its orders were in"
     );
     println!(
-        "whole machine's from the start of the run until its orders were written (/proc/stat, steal excluded):\n"
+        "MySQL: each process's (user + system: /proc/<pid>/stat; wrk as this process's reaped child),"
     );
-    println!("| run | order-service | bare proxy | gateway | machine |");
-    println!("|---|---:|---:|---:|---:|");
-    for (name, [order_us, bare_us, gateway_us], machine_us) in &cpu {
-        println!("| {name} | {order_us:.1} | {bare_us:.1} | {gateway_us:.1} | {machine_us:.1} |");
+    println!(
+        "their sum, and the whole machine's over the same time (/proc/stat, steal excluded):\n"
+    );
+    println!(
+        "| run | {} | sum | machine | not in a process |",
+        PROCESSES.join(" | ")
+    );
+    println!("|---|{}---:|---:|---:|", "---:|".repeat(PROCESSES.len()));
+    for (name, process, machine_us) in &cpu {
+        let sum: f64 = process.iter().sum();
+        let cells: Vec<String> = process.iter().map(|us| format!("{us:.1}")).collect();
+        println!(
+            "| {name} | {} | {sum:.1} | {machine_us:.1} | {:.1} |",
+            cells.join(" | "),
+            machine_us - sum
+        );
+    }
+    println!("\naccepted orders per second by round, and the spread (max / min - 1) of each arm:");
+    for (i, arm) in ARMS.iter().enumerate() {
+        let rates: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+        let (min, max) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        });
+        let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "  {arm}: {}; spread {:.0} %",
+            shown.join(", "),
+            (max / min.max(1e-9) - 1.0) * 100.0
+        );
     }
     let costs: Vec<f64> = machine_rounds
         .iter()
@@ -467,6 +515,14 @@ fn wrk(
         .unwrap_or(0);
     let ms = |v: Option<String>| v.map_or(0.0, |s| parse_duration_ms(&s));
     let non_ok = number_after("Non-2xx or 3xx responses:").map_or(0, |s| s.parse().unwrap_or(0));
+    let socket_errors = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("Socket errors:"))
+        .map_or(0, |rest| {
+            rest.split(',')
+                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        });
     std::thread::sleep(Duration::from_secs(1));
     Ok(Run {
         name: name.to_owned(),
@@ -475,6 +531,7 @@ fn wrk(
         p50_ms: ms(number_after("50%")),
         p99_ms: ms(number_after("99%")),
         non_2xx_3xx: non_ok,
+        socket_errors,
     })
 }
 
@@ -506,25 +563,50 @@ fn start_bare_proxy(binary: &Path, upstream: &str, dir: &Path) -> anyhow::Result
     Ok((child, format!("http://{address}")))
 }
 
+/// The processes of the bill, in the order of [`bill`]'s values.
+const PROCESSES: [&str; 8] = [
+    "order-service",
+    "bare proxy",
+    "gateway",
+    "Redis",
+    "broker",
+    "MariaDB",
+    "wrk",
+    "xtask",
+];
+
+/// CPU seconds so far of each of `pids` (order-service, bare proxy, gateway, Redis, broker,
+/// MariaDB), then of the reaped children of this process (wrk: the only child that ends during
+/// a run), then of this process itself (the drain checks).
+fn bill(pids: &[u32; 6]) -> [f64; PROCESSES.len()] {
+    let own = stat_fields(std::process::id());
+    let ticks = |i: usize| own.get(i).copied().unwrap_or(0.0) / 100.0;
+    std::array::from_fn(|i| match i {
+        0..6 => cpu_seconds(pids[i]),
+        6 => ticks(13) + ticks(14),
+        _ => ticks(11) + ticks(12),
+    })
+}
+
+/// The numeric fields of `/proc/<pid>/stat` after the command name (which may hold spaces),
+/// from the state on (unparsable ones as 0); empty if it cannot be read.
+fn stat_fields(pid: u32) -> Vec<f64> {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Vec::new();
+    };
+    stat.rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .collect()
+}
+
 /// CPU time (user + system) the process has used so far, in seconds; 0 if it cannot be read.
 /// Linux's `/proc/<pid>/stat` counts it in clock ticks of 1/100 s.
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) in parentheses: utime is the 12th,
-    // stime the 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    // After the command name: utime is the 12th field, stime the 13th.
+    let fields = stat_fields(pid);
+    let ticks = |i: usize| fields.get(i).copied().unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
 

@@ -240,7 +240,11 @@ mod tests {
             let s = load(defaults()).map_err(|e| e.to_string())?;
             assert_eq!(s.server.port, 9000, "file overrides default");
             assert_eq!(s.server.host, "0.0.0.0", "untouched default stays");
-            assert_eq!(s.redis.url.expose(), "redis://env:6379", "env overrides file");
+            assert_eq!(
+                s.redis.url.expose(),
+                "redis://env:6379",
+                "env overrides file"
+            );
             Ok(())
         });
     }
