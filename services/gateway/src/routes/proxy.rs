@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flash_sale_common::api::order::CreateOrderRequest;
 use flash_sale_common::api::{self, inventory::StockChange};
-use flash_sale_common::domain::{ActivityId, Quantity, UserId};
+use flash_sale_common::domain::{ActivityId, OrderNo, Quantity, UserId};
 use flash_sale_common::error::{ErrorBody, ErrorCode};
 use flash_sale_common::json::{self, ObjectError};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -218,8 +218,16 @@ fn client_ip(request: &Request, peer: Option<IpAddr>, hops: usize) -> Option<IpA
         .or(peer)
 }
 
+/// The activity of the order a cancel path names (`api::order::CANCEL`), if it is one.
+fn cancelled_activity(path: &str) -> Option<ActivityId> {
+    let (prefix, suffix) = api::order::CANCEL.split_once("{order_no}")?;
+    let no = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    OrderNo::parse(no).ok().map(|no| no.activity())
+}
+
 /// Learns from the upstream's answer: a one-item order refused `SOLD_OUT` (or any order refused
-/// `SALE_ENDED`) marks the activity; a restock or warm-up through the inventory route lifts it.
+/// `SALE_ENDED`) marks the activity; a restock or warm-up through the inventory route, or a
+/// buyer's cancel, lifts it.
 fn learn(
     state: &AppState,
     route: RouteId,
@@ -235,6 +243,16 @@ fn learn(
             Some(StockChange::All) => state.flow.sold_out().clear_all(),
             None => {}
         }
+        return;
+    }
+    // A buyer's cancel gives the order's stock back: the activity may sell again at once,
+    // rather than after the mark's TTL.
+    if route == RouteId::FlashSale
+        && *method == Method::POST
+        && response.status().is_success()
+        && let Some(activity) = cancelled_activity(path)
+    {
+        state.flow.sold_out().clear(activity);
         return;
     }
     let Some(OrderFacts {
@@ -274,6 +292,25 @@ fn learn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancel_path_names_its_orders_activity() {
+        let no = "7-0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            cancelled_activity(&api::order::cancel(no)),
+            ActivityId::new(7)
+        );
+        assert_eq!(
+            cancelled_activity(&api::order::one(no)),
+            None,
+            "not a cancel"
+        );
+        assert_eq!(
+            cancelled_activity(&api::order::cancel("7-not-an-order")),
+            None
+        );
+        assert_eq!(cancelled_activity(api::order::CREATE), None);
+    }
 
     #[test]
     fn order_facts_read_ids_as_numbers_or_strings() {

@@ -515,6 +515,25 @@ async fn a_sold_out_answer_is_learned_and_then_given_without_a_downstream_call()
     let short_circuit = send(&app, order(Some(&token(99)), seed_body("99"))).await;
     insta::assert_json_snapshot!("sold_out", short_circuit.body);
 
+    // A buyer's cancel through the gateway gives stock back: the activity reopens at once.
+    upstream.set(Behavior::Echo);
+    let cancel = Request::post(api::order::cancel("1-0123456789abcdef0123456789abcdef"))
+        .header(header::AUTHORIZATION, format!("Bearer {}", token(3)))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"userId":"3"}"#))
+        .unwrap();
+    assert!(send(&app, cancel).await.status.is_success());
+    assert!(
+        !state
+            .flow
+            .sold_out()
+            .is_marked(ActivityId::new(1).unwrap(), tokio::time::Instant::now()),
+        "a cancel lifts the mark"
+    );
+    upstream.set(Behavior::SoldOut);
+    let again = send(&app, order(Some(&token(1)), seed_body("1"))).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "learned again");
+
     // Another activity is not affected; a restock through the gateway reopens this one.
     upstream.set(Behavior::Echo);
     let other = json!({"userId": "1", "activityId": "2", "quantity": 1});
