@@ -161,13 +161,6 @@ impl RunReport<'_> {
             };
             let offset = started.saturating_duration_since(self.origin);
             for answer in &load.answers {
-                if answer.kind == AnswerKind::NoAnswer {
-                    // Counted as an outcome; the time until a transport error is no latency.
-                    let at = offset + Duration::from_millis(answer.at_ms.into());
-                    let i = ((at.as_millis() / interval.as_millis()) as usize).min(intervals - 1);
-                    counts[i][AnswerKind::ALL.len() - 1] += 1;
-                    continue;
-                }
                 let at = offset + Duration::from_millis(answer.at_ms.into());
                 let i = ((at.as_millis() / interval.as_millis()) as usize).min(intervals - 1);
                 let kind = AnswerKind::ALL
@@ -175,7 +168,10 @@ impl RunReport<'_> {
                     .position(|k| *k == answer.kind)
                     .expect("every kind is in ALL");
                 counts[i][kind] += 1;
-                latencies[i].push(answer.latency_us);
+                // The time until a transport error is no latency.
+                if answer.kind != AnswerKind::NoAnswer {
+                    latencies[i].push(answer.latency_us);
+                }
             }
         }
         let per_sec = 1.0 / interval.as_secs_f64();
