@@ -59,8 +59,10 @@ Environment:
 Secrets are never stored in this repository. On first install, deploy.sh creates them with
 random values: mysql-secret (root-password, app-password), redis-auth (password, the Redis
 password of the nodes, the bootstrap, the exporter and the services), flash-sale-db (url),
-inventory-admin (token), gateway-auth (hs256-secret, the token issuer's HS256 key) and
-payment-provider (callback-secret, the key the payment provider signs its callbacks with).
+inventory-admin (token), gateway-auth (hs256-secret, the token issuer's HS256 key),
+gateway-admission (secret, the key the gateway signs queue tickets and purchase passes with,
+shared by every replica) and payment-provider (callback-secret, the key the payment provider
+signs its callbacks with).
 Create them yourself beforehand to choose the values.
 EOF
 }
@@ -311,7 +313,7 @@ ensure_infra_secrets() {
 
 ensure_service_secrets() {
   if [[ "$DRY_RUN" == true ]]; then
-    log "would create secrets flash-sale-db (url), inventory-admin (token), gateway-auth (hs256-secret) and payment-provider (callback-secret) unless they exist"
+    log "would create secrets flash-sale-db (url), inventory-admin (token), gateway-auth (hs256-secret), gateway-admission (secret) and payment-provider (callback-secret) unless they exist"
     return 0
   fi
   if ! secret_exists flash-sale-db; then
@@ -326,6 +328,8 @@ ensure_service_secrets() {
     create_secret gateway-auth "hs256-secret=$(random_secret)"
     log "gateway-auth holds a random HS256 key: replace it with your token issuer's key"
   fi
+  # The gateway's own key for tickets and passes: random is right, no one else holds it.
+  secret_exists gateway-admission || create_secret gateway-admission "secret=$(random_secret)"
   if ! secret_exists payment-provider; then
     create_secret payment-provider "callback-secret=$(random_secret)"
     log "payment-provider holds a random callback key: replace it with your payment provider's key"

@@ -1,13 +1,14 @@
 //! `cargo xtask report --activity N`: the report of a finished activity, from MySQL and Redis
 //! (the seed's 生成活动报告 and 数据一致性校验): what sold, a timeline from the orders'
 //! timestamps, the drift between Redis and MySQL (repaired with `--repair`), the invariants
-//! that can be checked after the fact. One HTML file, like the main job's report.
+//! that can be checked after the fact. One HTML file, like the main job's report. With
+//! `--prometheus-url`, also the sale as the services' metrics saw it (docs/report.md).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use flash_sale_tests::apps::http_client;
-use flash_sale_tests::report::ActivityReport;
+use flash_sale_tests::report::{ActivityReport, PROMETHEUS_NO_DATA};
 use flash_sale_tests::scenario::{Admin, Stores};
 
 use crate::services::{self, LOCAL_ADMIN_TOKEN};
@@ -30,6 +31,11 @@ pub(crate) struct Args {
     repair: bool,
     #[arg(long, requires = "repair")]
     inventory_url: Option<String>,
+    /// A Prometheus that scraped the services (labelled as the monitoring bundle labels them):
+    /// adds the section "From Prometheus" over the activity's time range. One that cannot be
+    /// reached, or refuses a query, fails the command before any page is written.
+    #[arg(long)]
+    prometheus_url: Option<String>,
     /// Where to write the page (default: target/flash-sale/activity-N.html).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -75,6 +81,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
         };
         let mut report = ActivityReport::build(&stores, args.activity).await?;
         report.repair = repair;
+        if let Some(url) = &args.prometheus_url {
+            report.read_prometheus(url).await?;
+        }
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -97,7 +106,35 @@ pub(crate) fn run(args: Args) -> anyhow::Result<()> {
             report.drift(),
             out.display()
         );
+        let mut prometheus_empty = false;
+        if let Some(figures) = &report.prometheus {
+            let empty = figures.empty_charts();
+            for chart in figures.charts.iter().filter(|c| !c.is_empty()) {
+                println!("[ok  ] prometheus        {}", chart.title);
+            }
+            for title in &empty {
+                println!("[n/a ] prometheus        {title}: {PROMETHEUS_NO_DATA}");
+            }
+            for t in &figures.totals {
+                let series = if t.series.is_empty() {
+                    "all"
+                } else {
+                    &t.series
+                };
+                println!(
+                    "       prometheus        {} {series}: {:.0}",
+                    t.figure, t.total
+                );
+            }
+            prometheus_empty = empty.len() == figures.charts.len();
+        }
         anyhow::ensure!(report.all_hold(), "invariants broken (see above)");
+        anyhow::ensure!(
+            !prometheus_empty,
+            "Prometheus at {} has no data for any chart in this range: is it the one that scraped \
+             these services, with their `service` labels? (the page's check fails too)",
+            args.prometheus_url.as_deref().unwrap_or_default()
+        );
         Ok(())
     })
 }

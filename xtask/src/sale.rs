@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flash_sale_common::api;
+use flash_sale_tests::admission::drive_room_sale;
 use flash_sale_tests::apps::{buyer_clients, http_client};
 use flash_sale_tests::browser;
 use flash_sale_tests::payments::PaymentSimulator;
@@ -25,6 +26,8 @@ struct Options {
     pay_timeout_secs: i64,
     direct: bool,
     redis_cluster: bool,
+    /// The waiting room's admission rate, with `--waiting-room`.
+    waiting_room: Option<u32>,
 }
 
 /// How long a buyer refused with a 429 or a 5xx goes on trying, as people do: the gateway meters
@@ -72,6 +75,14 @@ pub(crate) struct Args {
     /// `k8s/redis/bootstrap.sh`, the services in `redis.cluster` mode) instead of one Redis.
     #[arg(long)]
     redis_cluster: bool,
+    /// Put the sale behind the gateway's waiting room (docs/waiting-room.md): each buyer joins,
+    /// waits their turn, and buys with the pass; the report shows the room's figures.
+    #[arg(long, conflicts_with = "direct")]
+    waiting_room: bool,
+    /// Buyers the waiting room admits a second (with --waiting-room). The seed's cluster-wide
+    /// limit of the buy path is 1,000 a second.
+    #[arg(long, default_value_t = 1000, requires = "waiting_room")]
+    admission_rate: u32,
 }
 
 impl Options {
@@ -93,12 +104,13 @@ impl Options {
             ),
             (
                 "buyers' way in".into(),
-                if self.direct {
-                    "order-service (--direct)"
-                } else {
-                    "the gateway"
-                }
-                .into(),
+                match (self.direct, self.waiting_room) {
+                    (true, _) => "order-service (--direct)".to_owned(),
+                    (false, Some(rate)) => {
+                        format!("the gateway's waiting room, {rate} admitted a second")
+                    }
+                    (false, None) => "the gateway".to_owned(),
+                },
             ),
             (
                 "a refused buyer retries for".into(),
@@ -127,6 +139,7 @@ impl Args {
             pay_timeout_secs: self.pay_timeout_secs,
             direct: self.direct,
             redis_cluster: self.redis_cluster,
+            waiting_room: self.waiting_room.then_some(self.admission_rate),
         }
     }
 }
@@ -171,7 +184,26 @@ async fn sale(o: Options) -> anyhow::Result<()> {
     let order_url = if o.direct {
         started[0].url()
     } else {
-        let (child, gateway) = services::start_gateway(&info, &started[0], &started[1], false)?;
+        let mut launch = services::gateway_launch(&started[0], &started[1])?;
+        if let Some(rate) = o.waiting_room {
+            // The deployed rules, with a room in front of the sale's activity.
+            let rules = root.join("gateway-rules.toml");
+            let example = std::fs::read_to_string(
+                services::workspace_root().join("services/gateway/rules.example.toml"),
+            )?;
+            std::fs::write(
+                &rules,
+                format!(
+                    "{example}\n[[waiting_room]]\nactivity = {}\nrate = {rate}\nburst = 0\n",
+                    o.sale.activity
+                ),
+            )?;
+            launch.env.push((
+                "FLASH_SALE_RULES__FILE".to_owned(),
+                rules.display().to_string(),
+            ));
+        }
+        let (child, gateway) = launch.start(&info, false)?;
         println!(
             "  {:<18} {}  (metrics {}/metrics): the buyers' way in",
             gateway.name,
@@ -209,7 +241,8 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         let mut timeline = Timeline::new(origin);
 
         let buyers = buyer_clients(BUYER_ADDRESSES)?;
-        let load = live_load("sale", &buyers, &order_url, &o.sale, &sampler).await;
+        let mut room_notes = Vec::new();
+        let load = live_load("sale", &buyers, &order_url, &o.sale, &sampler, o.waiting_room, &mut room_notes).await;
         timeline.mark("sale");
         println!("{load}");
         let drained = stores
@@ -245,7 +278,7 @@ async fn sale(o: Options) -> anyhow::Result<()> {
             "3. the second wave: {} new buyers send {} requests for the {back} items given back\n",
             second.requests, second.requests
         );
-        let wave = live_load("second wave", &buyers, &order_url, &second, &sampler).await;
+        let wave = live_load("second wave", &buyers, &order_url, &second, &sampler, o.waiting_room, &mut room_notes).await;
         timeline.mark("second wave");
         println!("{wave}");
         stores
@@ -307,6 +340,7 @@ async fn sale(o: Options) -> anyhow::Result<()> {
                 ("items back on sale".into(), back.to_string()),
             ]
             .into_iter()
+            .chain(room_notes)
             .chain(tail)
             .collect(),
         };
@@ -394,17 +428,33 @@ impl Timeline {
     }
 }
 
-/// One load with the live view over it.
+/// One load with the live view over it: plain buyers, or with a waiting room (its admission
+/// rate) buyers who queue, whose figures are printed and added to `notes`.
 async fn live_load(
     label: &str,
     buyers: &[reqwest::Client],
     url: &str,
     config: &SaleConfig,
     sampler: &Arc<Sampler>,
+    waiting_room: Option<u32>,
+    notes: &mut Vec<(String, String)>,
 ) -> LoadReport {
     let progress = Arc::new(LoadProgress::default());
     let live = Live::start(label, config.requests, progress.clone(), sampler.clone());
-    let load = drive_sale_with(buyers, url, config, &progress).await;
+    let load = match waiting_room {
+        None => drive_sale_with(buyers, url, config, &progress).await,
+        Some(rate) => {
+            let (load, room) = drive_room_sale(buyers, url, config, rate, &progress).await;
+            live.finish().await;
+            println!("the waiting room ({label})\n{room}");
+            notes.extend(
+                room.rows()
+                    .into_iter()
+                    .map(|(name, value)| (format!("{label}: {name}"), value)),
+            );
+            return load;
+        }
+    };
     live.finish().await;
     load
 }

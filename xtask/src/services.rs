@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) const LOCAL_ADMIN_TOKEN: &str = "local-admin-token";
 /// The key the local order-service and the payment simulator (`cargo xtask pay`) share.
 pub(crate) const LOCAL_PAYMENT_SECRET: &str = "local-payment-callback-secret";
+/// The key the local gateway signs queue tickets and purchase passes with (`--waiting-room`).
+pub(crate) const LOCAL_ADMISSION_SECRET: &str = "local-admission-secret-of-32-bytes-or-more";
 
 pub(crate) const SERVICES: &[&str] = &["order-service", "inventory-service"];
 
@@ -42,6 +44,11 @@ pub(crate) fn gateway_launch(
         ("FLASH_SALE_UPSTREAMS__INVENTORY_SERVICE", inventory.url()),
         ("FLASH_SALE_AUTH__HS256_SECRET", LOCAL_JWT_SECRET.to_owned()),
         ("FLASH_SALE_AUTH__TRUST_BODY_USER_ID", "true".to_owned()),
+        // One key for every local gateway, so a ticket outlives a restart and a replica.
+        (
+            "FLASH_SALE_ADMISSION__SECRET",
+            LOCAL_ADMISSION_SECRET.to_owned(),
+        ),
     ];
     Launch::new("gateway", &env)
 }

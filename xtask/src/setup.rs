@@ -20,11 +20,36 @@ const APT: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     // The browser tests (the reports, the buyer's page), and a font for its screenshots.
     ("chromium", "chromium"),
+    // The WebDriver of Debian's Chromium, for the buyer page's browser tests.
+    ("chromedriver", "chromium-driver"),
     (
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "fonts-dejavu-core",
     ),
+    // The activity report's Prometheus test runs a private server (flash_sale_tests::prometheus);
+    // the same package gives tests/deploy/install-tools.sh its promtool.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
+
+/// Debian's postinst starts a system Prometheus on :9090 (unless a policy-rc.d forbids it); the
+/// tests run their own on free ports, so stop it and keep it from starting at boot. Best effort:
+/// a failure here is printed, and does not fail the setup.
+fn stop_system_prometheus(sudo: &[&str]) {
+    let steps: &[(&str, &[&str])] = if std::path::Path::new("/run/systemd/system").is_dir() {
+        &[("systemctl", &["disable", "--now", "prometheus"])]
+    } else {
+        &[
+            ("/etc/init.d/prometheus", &["stop"]),
+            ("update-rc.d", &["prometheus", "disable"]),
+        ]
+    };
+    for (program, args) in steps {
+        if let Err(e) = sh(sudo, program, args) {
+            println!("setup: could not stop the system Prometheus: {e:#}");
+        }
+    }
+}
 
 /// A program on PATH, or for an absolute path, that file.
 fn present(what: &str) -> bool {
@@ -50,6 +75,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
         let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
         args.extend(&packages);
         sh(&sudo, "apt-get", &args)?;
+        if packages.contains(&"prometheus") {
+            stop_system_prometheus(&sudo);
+        }
     }
     let broker_given = std::env::var_os(BROKER_PROGRAM_ENV).is_some();
     if !broker_given && find_program(BROKER_PROGRAM).is_none() {

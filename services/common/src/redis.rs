@@ -40,8 +40,14 @@ pub struct ActivityKeys {
 }
 
 impl ActivityKeys {
+    /// The prefix every key of the activity starts with, hash tag included: other keys of the
+    /// activity (the gateway's waiting room) start with it too, to share its slot.
+    pub fn prefix(activity: ActivityId) -> String {
+        format!("fs:{{act:{activity}}}")
+    }
+
     pub fn new(activity: ActivityId) -> Self {
-        let tag = format!("fs:{{act:{activity}}}");
+        let tag = Self::prefix(activity);
         Self {
             meta: format!("{tag}:meta"),
             stock: format!("{tag}:stock"),

@@ -32,11 +32,23 @@ const LATENCY_BUCKETS: &[f64] = &[
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide Prometheus recorder; installed once, shared by every app in the process.
+/// Buckets of the waiting room's wait, in seconds.
+const WAIT_BUCKETS: &[f64] = &[
+    0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+];
+
 pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("seconds".into()), LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                // A wait in a waiting room lasts seconds to an hour, not milliseconds (exact
+                // names win over suffixes in the exporter).
+                .set_buckets_for_metric(
+                    Matcher::Full("gateway_waiting_room_wait_seconds".into()),
+                    WAIT_BUCKETS,
+                )
                 .expect("buckets are not empty")
                 .install_recorder()
                 .expect("the metrics recorder is installed once");

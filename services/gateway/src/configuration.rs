@@ -23,6 +23,8 @@ pub struct Settings {
     pub connections: ConnectionSettings,
     /// How the user token is verified.
     pub auth: AuthSettings,
+    /// The key of queue tickets and purchase passes (docs/waiting-room.md).
+    pub admission: AdmissionSettings,
     /// The Redis that holds the cluster-wide token buckets. Its timeouts are short: a slow Redis
     /// must cost a request at most a few milliseconds before the local share decides instead.
     pub redis: RedisSettings,
@@ -44,6 +46,7 @@ impl Default for Settings {
             proxy: ProxySettings::default(),
             connections: ConnectionSettings::default(),
             auth: AuthSettings::default(),
+            admission: AdmissionSettings::default(),
             redis: RedisSettings {
                 max_in_flight: 2048,
                 acquire_timeout_ms: 10,
@@ -272,6 +275,16 @@ pub enum JwtAlgorithm {
     HS256,
     /// RSA PKCS#1 v1.5 with SHA-256; the gateway holds only the public key (`auth.rs256_public_key`).
     RS256,
+}
+
+/// Queue tickets and purchase passes are signed by the gateway (HS256).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdmissionSettings {
+    /// At least 32 bytes, the same on every replica (`FLASH_SALE_ADMISSION__SECRET`, from a
+    /// Secret). Empty is allowed in development mode only: a random secret of the process then
+    /// signs, and tickets do not outlive it.
+    pub secret: Secret,
 }
 
 /// Who the buyer is: a signed token (JWT) in `Authorization: Bearer ...`; its `sub` claim is the

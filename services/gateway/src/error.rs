@@ -35,6 +35,10 @@ pub enum GatewayError {
     ClientBusy,
     /// A flow rule refused the request.
     Blocked(Refusal),
+    /// A queue ticket or purchase pass refused (`crate::admission`); nothing changed.
+    Admission(crate::admission::Refusal),
+    /// An answer decided here in full (the waiting room's: sold out, not started, Redis down).
+    Api(ApiError),
     /// The upstream did not answer within the route's timeout.
     UpstreamTimeout(Downstream),
     /// No connection could be made: nothing was sent.
@@ -104,6 +108,11 @@ impl IntoResponse for GatewayError {
                 blocked = Some(refusal.reason.as_str());
                 refusal_error(&refusal)
             }
+            Self::Admission(refusal) => {
+                refusal.count();
+                refusal.to_api_error()
+            }
+            Self::Api(error) => error,
             Self::UpstreamTimeout(downstream) => ApiError::new(
                 ErrorCode::UpstreamTimeout,
                 format!("{downstream} did not answer in time; the request may still be processed"),

@@ -17,6 +17,7 @@
 //! compilation and reload), `rules` (the schema), `resource` (route, activity and downstream names),
 //! `error` (every refusal in the common JSON shape), `management` (health, metrics, `/flow`). See docs/gateway.md.
 
+pub mod admission;
 pub mod configuration;
 pub mod edge;
 pub mod error;

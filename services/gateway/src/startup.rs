@@ -31,6 +31,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Install the recorder before anything records.
         telemetry::metrics_handle();
+        crate::admission::register_metrics();
         let state = AppState::build(&settings)?;
         let listener = TcpListener::bind(settings.server.address()?)
             .await

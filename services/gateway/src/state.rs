@@ -4,6 +4,7 @@ use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::admission::Signer;
 use crate::configuration::Settings;
 use crate::edge::PerAddress;
 use crate::flow::Flow;
@@ -20,6 +21,8 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     pub flow: Arc<Flow>,
     pub identity: Identity,
+    /// Signs and checks queue tickets and purchase passes.
+    pub admission: Signer,
     pub upstream: Upstream,
     pub settings: Arc<Settings>,
     /// Requests in flight per client behind trusted proxies (`connections.max_requests_per_client`).
@@ -56,6 +59,11 @@ impl AppState {
                 settings.proxy.max_tracked_activities,
             )),
             identity: Identity::from_settings(&settings.auth)?,
+            admission: Signer::from_settings(
+                &settings.admission,
+                settings.auth.leeway_secs,
+                settings.auth.trust_body_user_id,
+            )?,
             upstream: Upstream::new(&settings.upstreams, &settings.routes)?,
             settings: Arc::new(settings.clone()),
             // Without trusted proxies the client is the TCP peer, which the connection cap bounds.

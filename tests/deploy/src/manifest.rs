@@ -13,12 +13,13 @@ use crate::tools;
 
 /// Secrets the manifests reference, with their keys, but never contain: deploy.sh (or an
 /// operator) creates them.
-pub const EXTERNAL_SECRETS: [(&str, &[&str]); 6] = [
+pub const EXTERNAL_SECRETS: [(&str, &[&str]); 7] = [
     ("mysql-secret", &["root-password", "app-password"]),
     ("redis-auth", &["password"]),
     ("flash-sale-db", &["url"]),
     ("inventory-admin", &["token"]),
     ("gateway-auth", &["hs256-secret"]),
+    ("gateway-admission", &["secret"]),
     ("payment-provider", &["callback-secret"]),
 ];
 

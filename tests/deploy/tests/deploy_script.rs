@@ -288,6 +288,30 @@ fn first_installs_create_the_referenced_secrets_without_showing_them() {
 }
 
 #[test]
+fn the_help_and_the_dry_run_name_every_secret_a_first_install_creates() {
+    // What deploy.sh says it creates is what it creates (the test above): each Secret with its
+    // keys, in the help's list and in the dry run's "would create" lines.
+    let (help, _) = ok(&deploy(&["help"], &[]), "deploy.sh help");
+    let (_, dry_run) = ok(
+        &deploy(&["--env", "dev", "--dry-run", "all"], &[]),
+        "dry run",
+    );
+    let would: String = dry_run
+        .lines()
+        .filter(|l| l.contains("would create secrets"))
+        .collect();
+    for (name, keys) in EXTERNAL_SECRETS {
+        for (text, place) in [(&help, "help"), (&would, "dry run")] {
+            let listed = text.contains(&format!("{name} ({}", keys[0]));
+            assert!(listed, "the {place} does not name {name}:\n{text}");
+            for key in keys {
+                assert!(text.contains(key), "the {place} does not name {name}/{key}");
+            }
+        }
+    }
+}
+
+#[test]
 fn production_refuses_placeholder_digests_but_still_renders() {
     let (kubectl, log) = fake_kubectl(&scratch_dir!("fake-kubectl-production"), true);
     let output = deploy(

@@ -3,7 +3,8 @@
 //! drain inside the grace period, the restricted security context, a disruption budget, spread
 //! over nodes), default-deny network policies with exactly the needed connections, secrets only
 //! by reference, Redis credentials from the redis-auth Secret for everything that reaches Redis,
-//! configuration that agrees with `docs/contracts.md` and with the pods, HPA
+//! configuration that agrees with `docs/contracts.md` and with the pods, the gateway's rule
+//! file of each overlay (purchase passes required outside dev, the rest as in the base), HPA
 //! targets, production's canary plans, and that every name one object uses for another
 //! resolves. Single values (HPA numbers, probe paths, image names, env values) are pinned by the
 //! render snapshots instead.
@@ -532,6 +533,96 @@ fn secrets_appear_only_as_references() {
             let literal = userinfo.is_some_and(|u| password_reference(u).is_none());
             assert!(!literal, "{}: credentials in {line}", overlay.name());
         }
+    });
+}
+
+// ------------------------------------------------------------------ the gateway's rules
+
+/// The gateway's rule file as an overlay ships it: the text of the gateway-rules ConfigMap.
+fn shipped_rules(rendered: &Rendered) -> &str {
+    let config_map = rendered.get("ConfigMap", "gateway-rules");
+    let text = config_map
+        .pointer("/data/rules.toml")
+        .and_then(Value::as_str);
+    text.expect("gateway-rules holds rules.toml")
+}
+
+fn parse_rules(text: &str, context: &str) -> toml::Table {
+    text.parse()
+        .unwrap_or_else(|e| panic!("{context}: the rule file is not TOML: {e}"))
+}
+
+/// The rule file without what an overlay may change: `[admission] require_pass` and the
+/// `[[waiting_room]]` entries.
+fn without_overlay_choices(mut rules: toml::Table) -> toml::Table {
+    rules.remove("waiting_room");
+    if let Some(admission) = rules
+        .get_mut("admission")
+        .and_then(toml::Value::as_table_mut)
+    {
+        admission.remove("require_pass");
+    }
+    rules
+}
+
+#[test]
+fn staging_and_production_require_purchase_passes_dev_does_not_and_the_rest_is_the_base() {
+    let base_text = std::fs::read_to_string(deploy_tests::repo_path("k8s/gateway/rules.toml"));
+    let base = parse_rules(&base_text.expect("reading the base rules"), "base");
+    each_overlay(|overlay, rendered| {
+        let name = overlay.name();
+        let text = shipped_rules(rendered);
+        let rules = parse_rules(text, name);
+        // Dev keeps passes off so the seed's `hey` command works; elsewhere a script must not
+        // call `create` directly (docs/waiting-room.md).
+        let require_pass = rules
+            .get("admission")
+            .and_then(|a| a.get("require_pass"))
+            .and_then(toml::Value::as_bool);
+        let wanted = overlay != Overlay::Dev;
+        assert_eq!(
+            require_pass,
+            Some(wanted),
+            "{name}: [admission] require_pass"
+        );
+        // The overlays' own files follow the base (the gateway's defaults, kept equal to
+        // rules.example.toml by a gateway test) in every other rule.
+        assert_eq!(
+            without_overlay_choices(rules),
+            without_overlay_choices(base.clone()),
+            "{name}: the rule file differs from k8s/gateway/rules.toml beyond [admission] \
+             require_pass and [[waiting_room]]"
+        );
+        // Each shows a waiting room an operator can turn on: uncommented, it is one entry with
+        // a rate (the gateway refuses a rate of 0).
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.iter().position(|l| {
+            let l = l.trim_start_matches('#').trim();
+            l == "[[waiting_room]]"
+        });
+        let start = start.unwrap_or_else(|| panic!("{name}: no [[waiting_room]] entry"));
+        let entry: String = lines[start..]
+            .iter()
+            .map(|l| l.trim_start_matches('#').trim())
+            .take_while(|l| l.starts_with("[[waiting_room]]") || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let turned_on = parse_rules(&entry, name);
+        let rooms = turned_on
+            .get("waiting_room")
+            .and_then(toml::Value::as_array);
+        let room = rooms
+            .and_then(|r| r.first())
+            .and_then(toml::Value::as_table);
+        let room = room.unwrap_or_else(|| panic!("{name}: {entry}"));
+        let rate = room.get("rate").and_then(toml::Value::as_integer);
+        assert!(
+            rate.is_some_and(|r| r > 0),
+            "{name}: the room's rate: {entry}"
+        );
+        let known = ["activity", "rate", "burst"];
+        let unknown = room.keys().find(|k| !known.contains(&k.as_str()));
+        assert!(unknown.is_none(), "{name}: {unknown:?} in {entry}");
     });
 }
 

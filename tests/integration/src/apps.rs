@@ -60,6 +60,9 @@ pub fn inventory_settings(stack: &Stack) -> inventory_service::Settings {
     s
 }
 
+/// The key the test gateway signs queue tickets and purchase passes with.
+pub const ADMISSION_SECRET: &str = "test-admission-secret-of-at-least-32-bytes";
+
 /// The HS256 key the test gateway verifies tokens with.
 pub const JWT_SECRET: &str = "test-secret-of-at-least-32-bytes-length";
 
@@ -76,6 +79,7 @@ pub fn gateway_settings(stack: &Stack, order_url: &str, inventory_url: &str) -> 
     s.redis.url = Secret::new(stack.redis_url());
     s.redis.cluster = stack.info().redis_cluster;
     s.auth.hs256_secret = Secret::new(JWT_SECRET);
+    s.admission.secret = Secret::new(ADMISSION_SECRET);
     s.telemetry.log_format = LogFormat::Pretty;
     s
 }

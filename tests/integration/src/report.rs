@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use plotters::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+use flash_sale_common::api;
+
+use crate::prometheus::PrometheusApi;
 use crate::scenario::{AnswerKind, InvariantReport, LoadReport, Stores};
 
 /// What the stores held at one moment of the run.
@@ -335,6 +338,11 @@ pub struct ActivityReport {
     pub invariants: InvariantReport,
     /// What a reconcile pass answered, when the caller ran one (`--repair`).
     pub repair: Option<String>,
+    /// The first and the last order timestamp (created, paid or closed), unix seconds.
+    pub first_order_at: Option<i64>,
+    pub last_order_at: Option<i64>,
+    /// The figures of a Prometheus, when the caller read one (`--prometheus-url`).
+    pub prometheus: Option<PrometheusFigures>,
 }
 
 impl ActivityReport {
@@ -403,7 +411,25 @@ impl ActivityReport {
             revenue_cents: revenue,
             invariants,
             repair: None,
+            first_order_at: first,
+            last_order_at: last,
+            prometheus: None,
         })
+    }
+
+    /// Reads the sale's figures from the Prometheus at `url` over the activity's time range
+    /// ([`PrometheusFigures`]). Any error (unreachable, an HTTP error, a query refused) names the
+    /// URL and leaves the report as it was.
+    pub async fn read_prometheus(&mut self, url: &str) -> anyhow::Result<()> {
+        let (Some(first), Some(last)) = (self.first_order_at, self.last_order_at) else {
+            anyhow::bail!(
+                "activity {} has no orders: no time range to ask Prometheus about",
+                self.activity
+            );
+        };
+        let api = PrometheusApi::new(url);
+        self.prometheus = Some(PrometheusFigures::read(&api, self.activity, first, last).await?);
+        Ok(())
     }
 
     /// Redis' stock minus MySQL's, once nothing is in flight between them (0: no drift).
@@ -512,8 +538,364 @@ impl ActivityReport {
             facts.push(("reconcile pass (--repair)".into(), repair.clone()));
         }
         page.pairs("The activity", &facts);
-        page.finish("From MySQL and Redis, after the sale.")
+        let footer = match &self.prometheus {
+            Some(figures) => {
+                figures.section(&mut page, first_order_x(self), self.bucket_secs);
+                format!(
+                    "From MySQL and Redis, after the sale, and from Prometheus at {}.",
+                    figures.url
+                )
+            }
+            None => "From MySQL and Redis, after the sale.".to_owned(),
+        };
+        page.finish(&footer)
     }
+}
+
+/// The unix second at x = 0 of the activity's charts (its first order's).
+fn first_order_x(report: &ActivityReport) -> i64 {
+    report.first_order_at.unwrap_or(0)
+}
+
+/// The page's group of the Prometheus charts: the check lets some of them be empty, not all.
+const PROMETHEUS_GROUP: &str = "Prometheus";
+
+/// What an empty Prometheus chart says.
+pub const PROMETHEUS_NO_DATA: &str = "no data in Prometheus for this range";
+
+/// The margin the Prometheus range gets either side of the orders' timestamps: half a minute, or
+/// a tenth of a longer activity.
+fn prometheus_margin(span_secs: i64) -> i64 {
+    (span_secs / 10).max(30)
+}
+
+/// A Prometheus chart: its lines, each a label and points (unix seconds, value).
+#[derive(Debug, Clone)]
+pub struct PromChart {
+    pub title: String,
+    pub unit: &'static str,
+    pub lines: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+impl PromChart {
+    /// No line with two points to draw: "no data in Prometheus for this range".
+    pub fn is_empty(&self) -> bool {
+        self.lines.iter().all(|(_, points)| points.len() < 2)
+    }
+}
+
+/// A counter's increase over the range, for one value of the figure's label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromTotal {
+    pub figure: &'static str,
+    pub series: String,
+    pub total: f64,
+}
+
+/// The sale as the services' own metrics saw it, read from a Prometheus over the activity's time
+/// range (its first to last order timestamp, [`prometheus_margin`] either side, up to now):
+/// series as the monitoring bundle labels them (`service` is the Kubernetes service's name).
+#[derive(Debug, Clone)]
+pub struct PrometheusFigures {
+    pub url: String,
+    /// The range, unix seconds.
+    pub start: f64,
+    pub end: f64,
+    pub step: Duration,
+    /// The `rate()` window: four scrape intervals, two steps at least.
+    pub window: Duration,
+    pub charts: Vec<PromChart>,
+    /// The counters' increases over the range: raw samples, resets counted, a series that
+    /// appears within the range counted from zero (not `increase()`, which extrapolates).
+    pub totals: Vec<PromTotal>,
+}
+
+/// One query of a Prometheus chart: PromQL, the label naming its lines (`=name`: one line of
+/// that name), the scale of its values (seconds to ms).
+type Query = (String, &'static str, f64);
+
+/// What the totals table counts: a name, a counter selector, the label its rows are by
+/// (`None`: one row).
+struct Counted {
+    figure: &'static str,
+    selector: String,
+    by: Option<&'static str>,
+}
+
+impl PrometheusFigures {
+    /// Reads every figure; the first error fails it all (no half section).
+    pub async fn read(
+        api: &PrometheusApi,
+        activity: i64,
+        first_order: i64,
+        last_order: i64,
+    ) -> anyhow::Result<Self> {
+        let margin = prometheus_margin(last_order - first_order);
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        let start = (first_order - margin) as f64;
+        let end = ((last_order + margin) as f64).min(now).max(start + 1.0);
+        // About 240 points over the range, a second apart at least.
+        let step = Duration::from_secs((((end - start) / 240.0).ceil() as u64).max(1));
+        let scrape = api
+            .scrape_interval()
+            .await?
+            .unwrap_or(Duration::from_secs(15));
+        let window = (scrape * 4).max(step * 2);
+        let w = format!("{}s", window.as_secs().max(1));
+
+        let gateway = "service=\"gateway\"";
+        let order = "service=\"order-service\"";
+        let orders_route = format!("route=\"{}{{*rest}}\"", api::order::PREFIX);
+        let resource = format!("resource=\"activity:{activity}\"");
+        let of_activity = format!("activity=\"{activity}\"");
+        // (title, unit, [(query, label of its lines, or the one line's name, scale)])
+        let charts: Vec<(String, &'static str, Vec<Query>)> = vec![
+            (
+                format!(
+                    "Gateway: buy requests/s for activity {activity}, passed or refused by reason"
+                ),
+                "requests/s",
+                vec![
+                    (
+                        format!(
+                            "sum(rate(gateway_flow_passed_total{{{gateway},{resource}}}[{w}]))"
+                        ),
+                        "=passed",
+                        1.0,
+                    ),
+                    (
+                        format!(
+                            "sum by (reason) (rate(gateway_flow_blocked_total{{{gateway},{resource}}}[{w}]))"
+                        ),
+                        "reason",
+                        1.0,
+                    ),
+                ],
+            ),
+            (
+                "Gateway: answers/s on order-service's routes, by status".to_owned(),
+                "answers/s",
+                vec![(
+                    format!(
+                        "sum by (status) (rate(http_requests_total{{{gateway},{orders_route}}}[{w}]))"
+                    ),
+                    "status",
+                    1.0,
+                )],
+            ),
+            (
+                format!(
+                    "order-service: create-order answers/s for activity {activity}, by outcome"
+                ),
+                "answers/s",
+                vec![(
+                    format!(
+                        "sum by (outcome) (rate(flash_sale_orders_total{{{order},{of_activity}}}[{w}]))"
+                    ),
+                    "outcome",
+                    1.0,
+                )],
+            ),
+            (
+                "P99 latency, from the histograms".to_owned(),
+                "ms",
+                vec![
+                    (
+                        format!(
+                            "histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{{{gateway},{orders_route}}}[{w}])))"
+                        ),
+                        "=gateway, order-service's routes",
+                        1000.0,
+                    ),
+                    (
+                        format!(
+                            "histogram_quantile(0.99, sum by (le) (rate(flash_sale_order_create_duration_seconds_bucket{{{order}}}[{w}])))"
+                        ),
+                        "=order-service, create order",
+                        1000.0,
+                    ),
+                ],
+            ),
+            (
+                "Order consumer lag (messages behind the topic's end)".to_owned(),
+                "messages",
+                vec![(
+                    format!("sum(flash_sale_consumer_lag{{{order}}})"),
+                    "=lag",
+                    1.0,
+                )],
+            ),
+        ];
+        let mut read = Vec::new();
+        for (title, unit, queries) in charts {
+            let mut lines = Vec::new();
+            for (query, label, scale) in queries {
+                let mut series = api.query_range(&query, start, end, step).await?;
+                series.sort_by(|a, b| a.label(label).cmp(b.label(label)));
+                for s in series {
+                    let name = match label.strip_prefix('=') {
+                        Some(name) => name.to_owned(),
+                        None => s.label(label).to_owned(),
+                    };
+                    let points = s.points.iter().map(|&(t, v)| (t, v * scale)).collect();
+                    lines.push((name, points));
+                }
+            }
+            read.push(PromChart { title, unit, lines });
+        }
+
+        let counted = [
+            Counted {
+                figure: "gateway: passed (activity)",
+                selector: format!("gateway_flow_passed_total{{{gateway},{resource}}}"),
+                by: None,
+            },
+            Counted {
+                figure: "gateway: refused (activity), by reason",
+                selector: format!("gateway_flow_blocked_total{{{gateway},{resource}}}"),
+                by: Some("reason"),
+            },
+            Counted {
+                figure: "gateway: answers on order-service's routes, by status",
+                selector: format!("http_requests_total{{{gateway},{orders_route}}}"),
+                by: Some("status"),
+            },
+            Counted {
+                figure: "order-service: create-order answers (activity), by outcome",
+                selector: format!("flash_sale_orders_total{{{order},{of_activity}}}"),
+                by: Some("outcome"),
+            },
+        ];
+        let mut totals = Vec::new();
+        for c in counted {
+            // The raw samples of the range, and five minutes before it for each series' baseline.
+            let lookback = (end - start).ceil() as u64 + 300;
+            let series = api
+                .query(&format!("{}[{lookback}s]", c.selector), Some(end))
+                .await?;
+            let mut rows: std::collections::BTreeMap<String, f64> = Default::default();
+            for s in &series {
+                let key = c.by.map_or(String::new(), |l| s.label(l).to_owned());
+                *rows.entry(key).or_default() += raw_increase(&s.points, start);
+            }
+            if rows.is_empty() && c.by.is_none() {
+                rows.insert(String::new(), 0.0);
+            }
+            totals.extend(rows.into_iter().map(|(series, total)| PromTotal {
+                figure: c.figure,
+                series,
+                total,
+            }));
+        }
+        Ok(Self {
+            url: api.base_url().to_owned(),
+            start,
+            end,
+            step,
+            window,
+            charts: read,
+            totals,
+        })
+    }
+
+    /// The titles of the charts Prometheus had no data for.
+    pub fn empty_charts(&self) -> Vec<&str> {
+        self.charts
+            .iter()
+            .filter(|c| c.is_empty())
+            .map(|c| c.title.as_str())
+            .collect()
+    }
+
+    /// A total by its figure and series (`""` for a figure of one row); 0 when not counted.
+    pub fn total(&self, figure_starts_with: &str, series: &str) -> f64 {
+        self.totals
+            .iter()
+            .filter(|t| t.figure.starts_with(figure_starts_with) && t.series == series)
+            .map(|t| t.total)
+            .sum()
+    }
+
+    fn section(&self, page: &mut Page, first_order: i64, bucket_secs: i64) {
+        let unit = if bucket_secs == 60 {
+            "minute"
+        } else {
+            "second"
+        };
+        let x = |t: f64| (t - first_order as f64) / bucket_secs as f64;
+        page.heading("From Prometheus");
+        let when = |t: f64| {
+            chrono::DateTime::from_timestamp(t as i64, 0).map_or(t.to_string(), |d| d.to_rfc3339())
+        };
+        page.paragraph(&format!(
+            "Queried {} from {} to {} (the orders' first to last timestamp, a margin either side), every {} s, rates over {} s. Series as the monitoring bundle labels them (service = the Kubernetes service's name); the gateway's answers and the latencies are not per activity.",
+            self.url,
+            when(self.start),
+            when(self.end),
+            self.step.as_secs(),
+            self.window.as_secs()
+        ));
+        let desc = format!("{unit}s since the first order");
+        let axis = Axis {
+            desc: &desc,
+            start: x(self.start),
+            end: x(self.end),
+            phases: &[],
+        };
+        for chart in &self.charts {
+            let series: Vec<Series> = chart
+                .lines
+                .iter()
+                .enumerate()
+                .map(|(i, (label, points))| {
+                    let points = points.iter().map(|&(t, v)| (x(t), v)).collect();
+                    (label.clone(), COLOURS[i % COLOURS.len()], points)
+                })
+                .collect();
+            page.chart_in(
+                &chart.title,
+                chart.unit,
+                &axis,
+                &series,
+                Some((PROMETHEUS_GROUP, PROMETHEUS_NO_DATA)),
+            );
+        }
+        page.table(
+            "",
+            &["counted by Prometheus over the range", "series", "total"],
+            self.totals
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.figure.to_owned(),
+                        if t.series.is_empty() {
+                            "all".to_owned()
+                        } else {
+                            t.series.clone()
+                        },
+                        format!("{:.0}", t.total),
+                    ]
+                })
+                .collect(),
+        );
+    }
+}
+
+/// A counter's increase after `start` from its raw samples (unix seconds, value): from the last
+/// sample at or before `start`, or from zero for a series that appears after it; a drop is a
+/// reset (a restarted process), after which the new value is all increase.
+fn raw_increase(points: &[(f64, f64)], start: f64) -> f64 {
+    let mut previous = points
+        .iter()
+        .take_while(|(t, _)| *t <= start)
+        .last()
+        .map_or(0.0, |(_, v)| *v);
+    let mut total = 0.0;
+    for &(_, v) in points.iter().filter(|(t, _)| *t > start) {
+        total += if v >= previous { v - previous } else { v };
+        previous = v;
+    }
+    total
 }
 
 /// The x axis every chart of a page shares.
@@ -560,17 +942,34 @@ impl Page {
 
     /// A chart in a figure that lists the colours of the series it must show (the check).
     fn chart(&mut self, title: &str, unit: &str, axis: &Axis, series: &[Series]) {
+        self.chart_in(title, unit, axis, series, None);
+    }
+
+    /// A chart, in a group whose charts may be empty as long as one is not (`Some((group, what
+    /// an empty chart says))`), or on its own, which must draw (`None`).
+    fn chart_in(
+        &mut self,
+        title: &str,
+        unit: &str,
+        axis: &Axis,
+        series: &[Series],
+        group: Option<(&str, &str)>,
+    ) {
         let drawn: Vec<String> = series
             .iter()
             .filter(|s| s.2.len() >= 2)
             .map(|s| hex(s.1))
             .collect();
+        let (group_attr, empty) = match group {
+            Some((name, empty)) => (format!(" data-group=\"{}\"", escape(name)), empty),
+            None => (String::new(), "no data"),
+        };
         let _ = writeln!(
             self.html,
-            "<figure class=\"chart\" data-title=\"{}\" data-series=\"{}\">{}</figure>",
+            "<figure class=\"chart\" data-title=\"{}\" data-series=\"{}\"{group_attr}>{}</figure>",
             escape(title),
             drawn.join(" "),
-            chart(title, unit, axis, series)
+            chart(title, unit, axis, series, empty)
         );
     }
 
@@ -638,8 +1037,9 @@ impl Page {
     }
 }
 
-/// One chart as inline SVG: its series over the axis, the phases shaded behind them.
-fn chart(title: &str, unit: &str, axis: &Axis, series: &[Series]) -> String {
+/// One chart as inline SVG: its series over the axis, the phases shaded behind them; `empty`
+/// is written across a chart without a series to draw.
+fn chart(title: &str, unit: &str, axis: &Axis, series: &[Series], empty: &str) -> String {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (960, 280)).into_drawing_area();
@@ -711,9 +1111,11 @@ fn chart(title: &str, unit: &str, axis: &Axis, series: &[Series]) -> String {
             }
         }
         if drawn == 0 {
+            // Roughly centred: about 10 px a character at this size.
+            let left = (480 - 5 * empty.len() as i32).max(8);
             let _ = root.draw(&Text::new(
-                "no data",
-                (440, 140),
+                empty,
+                (left, 140),
                 ("sans-serif", 20).into_font(),
             ));
         } else {
@@ -801,13 +1203,27 @@ figure{margin:0 0 1em}p.small{color:#777;font-size:.9em}";
 
 /// Finds, in each chart, the line each of its series drew (plotters draws a line series as one
 /// `polyline` stroked in the series' colour; `data-series` lists the colours), laid out with a
-/// width and at least two points, and says which chart misses one.
+/// width and at least two points, and says which chart misses one. A chart of a group
+/// (`data-group`, the Prometheus charts) may have no series at all, unless every chart of its
+/// group has none.
 const CHECK: &str = r#"
 (function () {
   var figures = document.querySelectorAll("figure.chart");
   var bad = [];
+  var groups = {};
+  var empty = [];
   figures.forEach(function (f) {
     var want = f.dataset.series.split(" ").filter(function (c) { return c.length > 0; });
+    var group = f.dataset.group;
+    if (group) {
+      groups[group] = groups[group] || { all: 0, empty: [] };
+      groups[group].all += 1;
+      if (want.length < 1) {
+        groups[group].empty.push(f.dataset.title);
+        empty.push(f.dataset.title);
+        return;
+      }
+    }
     var lines = want.filter(function (colour) {
       return Array.prototype.some.call(f.querySelectorAll("svg polyline"), function (p) {
         return (p.getAttribute("stroke") || "").toUpperCase() === colour
@@ -817,10 +1233,17 @@ const CHECK: &str = r#"
     if (want.length < 1 || lines < want.length)
       bad.push(f.dataset.title + " (" + lines + " of " + want.length + " lines)");
   });
+  Object.keys(groups).forEach(function (g) {
+    if (groups[g].empty.length === groups[g].all)
+      bad.push("every " + g + " chart is empty (" + groups[g].empty.join("; ") + ")");
+  });
   var check = document.getElementById("render-check");
-  check.textContent = bad.length === 0
-    ? "render check: all " + figures.length + " charts drew their series"
-    : "render check failed: " + bad.join("; ");
+  check.textContent = bad.length > 0
+    ? "render check failed: " + bad.join("; ")
+    : empty.length === 0
+      ? "render check: all " + figures.length + " charts drew their series"
+      : "render check: " + (figures.length - empty.length) + " of " + figures.length
+        + " charts drew their series; no data for: " + empty.join("; ");
   check.className = bad.length === 0 ? "ok" : "fail";
 })();
 "#;

@@ -262,7 +262,8 @@ impl LoadProgress {
         ((us.log2() * 4.0) as usize).min(LATENCY_BUCKETS - 1)
     }
 
-    fn record(&self, latency: Duration) {
+    /// Counts one answer and its latency.
+    pub fn record(&self, latency: Duration) {
         self.answers.fetch_add(1, Ordering::Relaxed);
         self.latency[Self::bucket(latency)].fetch_add(1, Ordering::Relaxed);
     }

@@ -97,6 +97,8 @@ fn only_cluster_rule(rule: ClusterRule) -> Rules {
             enabled: false,
             ttl_ms: 1000,
         },
+        admission: Default::default(),
+        waiting_room: vec![],
     }
 }
 

@@ -125,6 +125,11 @@ impl ClusterLimiter {
         self.replicas.load(Ordering::Relaxed).max(1)
     }
 
+    /// The Redis connection, once made (the waiting room shares it).
+    pub fn redis(&self) -> Option<&Redis> {
+        self.redis.get()
+    }
+
     /// Whether a Redis connection has been made (it reconnects by itself after that).
     pub fn is_connected(&self) -> bool {
         self.redis.get().is_some()

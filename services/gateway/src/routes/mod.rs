@@ -1,11 +1,13 @@
 //! The gateway's routes: everything under `/api/flash-sale/` goes to order-service, everything
-//! under `/api/inventory/` to inventory-service, through [`proxy`]; anything else is answered
-//! `404 NOT_FOUND` here.
+//! under `/api/inventory/` to inventory-service, through [`proxy`]; `/api/admission/{activity}`
+//! (the waiting room and purchase passes) and `/shop` (the buyer's page) are answered here, by
+//! [`admission`]; anything else is answered `404 NOT_FOUND`.
 
+pub mod admission;
 mod proxy;
 
 use axum::Router;
-use axum::routing::any;
+use axum::routing::{any, get};
 use flash_sale_common::api;
 
 use crate::state::AppState;
@@ -22,6 +24,11 @@ pub fn router(state: AppState) -> Router {
             &format!("{}{{*rest}}", api::inventory::PREFIX),
             any(proxy::to_inventory_service),
         )
+        .route(
+            "/api/admission/{activity}",
+            get(admission::poll).post(admission::join),
+        )
+        .route("/shop", get(admission::page))
         .with_state(state);
     flash_sale_common::http::with_common_layers(routes, body_limit)
 }

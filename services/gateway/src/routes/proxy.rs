@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::admission::{Claims, Kind, PASS_HEADER, Refusal, Room};
 use crate::error::GatewayError;
 use crate::flow::FlowRequest;
 use crate::flow::sold_out::SoldOutProbe;
@@ -116,6 +117,12 @@ async fn handle(
         // Development mode: the body's user, when it is a real id (the seed's "{random}" is not).
         Caller::Anonymous => order.and_then(|o| o.body_user).map(|u| u.to_string()),
     };
+    // The purchase pass, checked before the flow rules (a forged one costs nothing more) and
+    // spent after them (a buyer they refuse keeps it).
+    let pass = match order.and_then(|o| o.activity) {
+        Some(activity) => purchase_pass(state, &headers, activity, caller, order)?,
+        None => None,
+    };
     let flow_request = FlowRequest {
         route,
         activity: order.and_then(|o| o.activity),
@@ -127,6 +134,9 @@ async fn handle(
         .admit(&flow_request)
         .await
         .map_err(GatewayError::Blocked)?;
+    if let Some(pass) = &pass {
+        pass.spend(state).await?;
+    }
 
     let forwarded = state
         .upstream
@@ -135,13 +145,116 @@ async fn handle(
     match forwarded {
         Ok(response) => {
             let probe = admission.finish(response.status().is_server_error());
+            if let Some(pass) = &pass
+                && response.status().is_server_error()
+            {
+                pass.give_back(state).await;
+            }
             learn(state, route, &method, uri.path(), order, &response, probe);
             Ok(response.map(Body::from))
         }
         Err(error) => {
             // A sold-out probe without an answer is abandoned: the next request probes.
             drop(admission.finish(error.is_upstream_failure()));
+            if let Some(pass) = &pass {
+                pass.give_back(state).await;
+            }
             Err(error)
+        }
+    }
+}
+
+/// A checked purchase pass of an order creation, to be spent once.
+struct Pass {
+    activity: ActivityId,
+    user: UserId,
+    claims: Claims,
+}
+
+/// The order's pass, checked (signature, expiry, activity, holder), if it carries one; refused
+/// when the activity needs one and it carries none (docs/waiting-room.md).
+fn purchase_pass(
+    state: &AppState,
+    headers: &HeaderMap,
+    activity: ActivityId,
+    caller: Caller,
+    order: Option<OrderFacts>,
+) -> Result<Option<Pass>, GatewayError> {
+    let token = headers.get(PASS_HEADER);
+    if token.is_none() {
+        let rules = state.flow.rules().current();
+        let needed = rules.rules().admission.require_pass
+            || rules.rules().waiting_room(activity.get()).is_some();
+        return if needed {
+            Err(GatewayError::Admission(Refusal::PassRequired))
+        } else {
+            Ok(None)
+        };
+    }
+    let buyer = match caller {
+        Caller::User(user) => Some(user),
+        Caller::Anonymous => order.and_then(|o| o.body_user),
+    };
+    // Development mode: the body names the buyer, and a pass is only good for the one it names.
+    let user = buyer.ok_or(GatewayError::Admission(Refusal::PassInvalid(
+        "the order names no buyer for it",
+    )))?;
+    let token = token
+        .and_then(|t| t.to_str().ok())
+        .ok_or(GatewayError::Admission(Refusal::PassInvalid(
+            "it is not text",
+        )))?;
+    let claims = state
+        .admission
+        .verify(token, Kind::Pass, activity, Some(user))
+        .map_err(GatewayError::Admission)?;
+    Ok(Some(Pass {
+        activity,
+        user,
+        claims,
+    }))
+}
+
+impl Pass {
+    /// Spends the pass in Redis. Without Redis its one use cannot be recorded: the order goes
+    /// on (order-service's one order per buyer still holds), counted as a Redis failure.
+    async fn spend(&self, state: &AppState) -> Result<(), GatewayError> {
+        let Some(redis) = state.flow.cluster().redis() else {
+            metrics::counter!("gateway_admission_redis_failures_total", "call" => "redeem")
+                .increment(1);
+            return Ok(());
+        };
+        match Room::new(redis, self.activity)
+            .redeem(self.user, &self.claims)
+            .await
+        {
+            Ok(Ok(())) => {
+                metrics::counter!("gateway_admission_passes_total", "outcome" => "redeemed")
+                    .increment(1);
+                Ok(())
+            }
+            Ok(Err(refusal)) => Err(GatewayError::Admission(refusal)),
+            Err(error) => {
+                tracing::warn!(%error, "purchase pass: Redis failed, the order goes on unrecorded");
+                metrics::counter!("gateway_admission_redis_failures_total", "call" => "redeem")
+                    .increment(1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives the pass back: the order was not taken (5xx, or no answer).
+    async fn give_back(&self, state: &AppState) {
+        let Some(redis) = state.flow.cluster().redis() else {
+            return;
+        };
+        match Room::new(redis, self.activity)
+            .restore(self.user, &self.claims)
+            .await
+        {
+            Ok(()) => metrics::counter!("gateway_admission_passes_total", "outcome" => "restored")
+                .increment(1),
+            Err(error) => tracing::warn!(%error, "purchase pass: could not give it back"),
         }
     }
 }

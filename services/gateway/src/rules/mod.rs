@@ -30,6 +30,10 @@ pub struct Rules {
     pub breaker: Vec<BreakerRule>,
     /// Answering for sold-out activities without a downstream call.
     pub sold_out: SoldOutRule,
+    /// Purchase passes: whether `create` needs one, how long passes and tickets live.
+    pub admission: AdmissionRule,
+    /// Waiting rooms: activities whose buyers queue for a pass (docs/waiting-room.md).
+    pub waiting_room: Vec<WaitingRoomRule>,
 }
 
 impl Default for Rules {
@@ -86,6 +90,8 @@ impl Default for Rules {
             }],
             breaker: breakers.collect(),
             sold_out: SoldOutRule::default(),
+            admission: AdmissionRule::default(),
+            waiting_room: Vec::new(),
         }
     }
 }
@@ -383,7 +389,55 @@ impl Default for SoldOutRule {
     }
 }
 
+/// Purchase passes (docs/waiting-room.md): a short-lived signed token, bound to a user and an
+/// activity, that `create` spends once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionRule {
+    /// Whether `create` needs a pass for every activity (an activity with a waiting room always
+    /// does). Off in development, so the seed's `hey` command works; on in staging and production.
+    pub require_pass: bool,
+    /// How long a pass is good for from its issue (an admission from the queue: from the
+    /// admission).
+    pub pass_ttl_secs: u64,
+    /// How long a queue ticket is good for.
+    pub ticket_ttl_secs: u64,
+}
+
+impl Default for AdmissionRule {
+    fn default() -> Self {
+        Self {
+            require_pass: false,
+            pass_ttl_secs: 60,
+            ticket_ttl_secs: 6 * 3600,
+        }
+    }
+}
+
+/// A waiting room: buyers of the activity queue for a pass, admitted at `rate` per second
+/// cluster-wide, first come first served after the opening and shuffled before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitingRoomRule {
+    /// The activity; absent: every activity without a rule of its own.
+    #[serde(default)]
+    pub activity: Option<i64>,
+    /// Buyers admitted per second, cluster-wide.
+    pub rate: u32,
+    /// Admissions a quiet room may grant at once (0: strictly `rate`, every buyer queues).
+    #[serde(default)]
+    pub burst: u32,
+}
+
 impl Rules {
+    /// The waiting room of `activity`: its own rule, else the rule without an activity.
+    pub fn waiting_room(&self, activity: i64) -> Option<&WaitingRoomRule> {
+        self.waiting_room
+            .iter()
+            .find(|r| r.activity == Some(activity))
+            .or_else(|| self.waiting_room.iter().find(|r| r.activity.is_none()))
+    }
+
     /// Parses and checks a rule file.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let rules: Rules = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -500,6 +554,28 @@ impl Rules {
             self.sold_out.ttl_ms > 0,
             "sold_out: ttl_ms must be > 0".into(),
         );
+        let a = &self.admission;
+        check(
+            a.pass_ttl_secs > 0 && a.ticket_ttl_secs > 0,
+            "admission: pass_ttl_secs and ticket_ttl_secs must be > 0".into(),
+        );
+        let mut rooms = Vec::new();
+        for (i, r) in self.waiting_room.iter().enumerate() {
+            let at = match r.activity {
+                Some(id) => format!("waiting_room[{i}] (activity {id})"),
+                None => format!("waiting_room[{i}] (every activity)"),
+            };
+            check(
+                r.activity.is_none_or(|id| id > 0),
+                format!("{at}: activity must be > 0"),
+            );
+            check(r.rate > 0, format!("{at}: rate must be > 0"));
+            check(
+                !rooms.contains(&r.activity),
+                format!("{at}: a second waiting room for the same activity"),
+            );
+            rooms.push(r.activity);
+        }
         if problems.is_empty() {
             Ok(())
         } else {

@@ -114,6 +114,8 @@ pub(crate) fn no_rules() -> Rules {
             enabled: false,
             ttl_ms: 1000,
         },
+        admission: Default::default(),
+        waiting_room: vec![],
     }
 }
 

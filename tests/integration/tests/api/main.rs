@@ -3,6 +3,7 @@
 
 mod api_answers;
 mod bad_input;
+mod buyer_page;
 mod canary;
 mod edge;
 mod failures;
@@ -15,3 +16,4 @@ mod metric_names;
 mod redis_cluster;
 mod report;
 mod sale;
+mod waiting_room;

@@ -203,6 +203,40 @@ async fn buy(http: &reqwest::Client, base_url: &str, user: u32, bearer: bool) ->
     (status, body["code"].as_str().unwrap_or_default().to_owned())
 }
 
+/// Joins `activity`'s waiting room as `user` (with their token) and polls until admitted; the
+/// pass. The gateway may still be connecting to Redis: a 503 is tried again.
+async fn queue_for_a_pass(
+    http: &reqwest::Client,
+    gateway: &str,
+    activity: i64,
+    user: &str,
+) -> String {
+    let url = format!("{gateway}/api/admission/{activity}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ticket: Option<String> = None;
+    loop {
+        assert!(Instant::now() < deadline, "never admitted");
+        let request = match &ticket {
+            None => http.post(&url),
+            Some(t) => http.get(&url).header("x-queue-ticket", t),
+        };
+        let res = request.bearer_auth(token(user)).send().await.unwrap();
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap();
+        match (status, body["state"].as_str()) {
+            (200, Some("admitted")) => return body["pass"].as_str().unwrap().to_owned(),
+            (200, Some("waiting")) => {
+                if ticket.is_none() {
+                    ticket = body["ticket"].as_str().map(str::to_owned);
+                }
+            }
+            (503, _) => {}
+            other => panic!("{other:?}: {body}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_monitoring_reads_is_emitted_by_a_running_service() {
     let read = names_read_by_the_bundle();
@@ -247,13 +281,22 @@ async fn every_metric_the_monitoring_reads_is_emitted_by_a_running_service() {
     let inventory = ServiceProcess::spawn(ServiceSettings::Inventory(inventory_settings(&stack)))
         .await
         .unwrap();
-    let gateway = ServiceProcess::spawn(ServiceSettings::Gateway(gateway_settings(
-        &stack,
-        &order.base_url,
-        &inventory.base_url,
-    )))
-    .await
+    // The deployed rules, with a waiting room in front of activity 2.
+    let rules_dir = tempfile::tempdir().unwrap();
+    let rules = rules_dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "{}\n[[waiting_room]]\nactivity = 2\nrate = 50\nburst = 0\n",
+            read_file("services/gateway/rules.example.toml")
+        ),
+    )
     .unwrap();
+    let mut settings = gateway_settings(&stack, &order.base_url, &inventory.base_url);
+    settings.rules.file = Some(rules.display().to_string());
+    let gateway = ServiceProcess::spawn(ServiceSettings::Gateway(settings))
+        .await
+        .unwrap();
     let http = flash_sale_tests::apps::http_client();
     let admin = Admin::new(http.clone(), &inventory.base_url, ADMIN_TOKEN);
 
@@ -274,6 +317,18 @@ async fn every_metric_the_monitoring_reads_is_emitted_by_a_running_service() {
             (409, ErrorCode::SoldOut.as_str().to_owned())
         );
     }
+    // A buyer queues in activity 2's room, is admitted and buys with the pass.
+    admin.create_activity(2, 5).await.unwrap();
+    let pass = queue_for_a_pass(&http, &gateway.base_url, 2, "8").await;
+    let bought = http
+        .post(format!("{}{}", gateway.base_url, api::order::CREATE))
+        .bearer_auth(token("8"))
+        .header("x-purchase-pass", pass)
+        .json(&json!({"activityId": "2", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bought.status().as_u16(), 202);
     admin
         .call(reqwest::Method::POST, api::inventory::WARMUP_ALL, None)
         .await
