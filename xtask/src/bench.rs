@@ -19,8 +19,9 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use axum::Router;
 use axum::routing::post;
+use flash_sale_tests::admission::drive_room_sale;
 use flash_sale_tests::apps::http_client;
-use flash_sale_tests::scenario::{Admin, Stores};
+use flash_sale_tests::scenario::{Admin, LoadProgress, SaleConfig, Stores};
 use flash_sale_tests::stack::{BrokerStorage, Server, Stack, free_port};
 
 use crate::services::{self, LOCAL_ADMIN_TOKEN};
@@ -57,6 +58,9 @@ pub(crate) struct Args {
     /// Where the broker keeps its log: `sqlite` (durable, as in the main job) or `memory`.
     #[arg(long, default_value = "sqlite", value_parser = parse_broker)]
     broker: BrokerStorage,
+    /// Measure the waiting room instead (docs/performance.md#the-waiting-room).
+    #[arg(long)]
+    waiting_room: bool,
 }
 
 fn parse_broker(name: &str) -> Result<BrokerStorage, String> {
@@ -69,6 +73,9 @@ fn parse_broker(name: &str) -> Result<BrokerStorage, String> {
 pub(crate) fn run(o: Args) -> anyhow::Result<()> {
     crate::setup::run()?;
     services::build()?;
+    if o.waiting_room {
+        return tokio::runtime::Runtime::new()?.block_on(bench_room(o));
+    }
     let bare_proxy = services::build_example("gateway", "bare_proxy")?;
     tokio::runtime::Runtime::new()?.block_on(bench(o, &bare_proxy))
 }
@@ -650,4 +657,214 @@ async fn spawn_baseline(redis_url: &str) -> anyhow::Result<String> {
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(url)
+}
+
+/// The waiting room's admission rate in the bench (buyers a second).
+const ROOM_RATE: u32 = 200;
+
+/// `cargo xtask bench --waiting-room` (docs/performance.md#the-waiting-room): in one run, the
+/// bare one-Lua-call handler (the baseline), then the gateway's waiting room under a flood of
+/// joins (wrk: every request a new buyer), and buyers who arrive at ten times the admission
+/// rate and buy with their passes. It reports the room's answer rate against the baseline,
+/// the admissions against the rate, order-service's busiest second of accepted orders
+/// against the rate (from its own counter, read every 100 ms), and the share of buyers
+/// admitted out of arrival order.
+async fn bench_room(o: Args) -> anyhow::Result<()> {
+    let root = services::workspace_root().join("target/flash-sale");
+    let stack = Stack::start_in(o.broker, Some(&root), false).await?;
+    let info = stack.info().clone();
+    let baseline_script = root.join("order.lua");
+    std::fs::write(
+        &baseline_script,
+        WRK_SCRIPT.replace("CREATE_PATH", api::order::CREATE),
+    )?;
+    let baseline = spawn_baseline(&info.redis_url()).await?;
+    let base = wrk(
+        &o,
+        "baseline: bare axum + 1 Lua call",
+        &baseline,
+        &baseline_script,
+        "1",
+    )?;
+
+    let mut children: Vec<Child> = Vec::new();
+    let (child, inventory) = services::start("inventory-service", &info, false)?;
+    children.push(child);
+    let (child, order) = services::start("order-service", &info, false)?;
+    children.push(child);
+    let admin = Admin::new(http_client(), &inventory.url(), LOCAL_ADMIN_TOKEN);
+    // 2: the join flood; 3: the buyers.
+    for activity in [2, 3] {
+        admin.create_activity(activity, ACCEPTED_STOCK).await?;
+    }
+    let rules = root.join("bench-room-rules.toml");
+    std::fs::write(
+        &rules,
+        format!("{BENCH_RULES}\n[[waiting_room]]\nrate = {ROOM_RATE}\nburst = 0\n"),
+    )?;
+    let mut launch = services::gateway_launch(&order, &inventory)?;
+    launch.env.extend([
+        (
+            "FLASH_SALE_RULES__FILE".to_owned(),
+            rules.display().to_string(),
+        ),
+        // As in the accepted-order arms: wrk's connections all come from 127.0.0.1.
+        (
+            "FLASH_SALE_CONNECTIONS__MAX_CONNECTIONS_PER_IP".to_owned(),
+            "0".to_owned(),
+        ),
+    ]);
+    let (child, gateway) = launch.start(&info, false)?;
+    children.push(child);
+    let http = http_client();
+    let room_state = |activity: i64| {
+        let http = http.clone();
+        let url = format!("{}/waiting-room/{activity}", gateway.management_url());
+        async move {
+            let view: serde_json::Value = http.get(&url).send().await?.json().await?;
+            anyhow::Ok(view)
+        }
+    };
+    // The gateway reaches Redis in the background.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while room_state(2).await.is_err() || room_state(2).await?["waiting"].is_null() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the gateway never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The flood: every request a new buyer joining activity 2's room.
+    let join_script = root.join("join.lua");
+    std::fs::write(
+        &join_script,
+        WRK_SCRIPT.replace("CREATE_PATH", "/api/admission/2"),
+    )?;
+    let flood_started = std::time::Instant::now();
+    let flood = wrk(
+        &o,
+        "gateway: waiting room joins",
+        &gateway.url(),
+        &join_script,
+        "2",
+    )?;
+    let flood_secs = flood_started.elapsed().as_secs_f64() - 1.0; // wrk() sleeps 1 s after
+    let view = room_state(2).await?;
+    let admitted_in_flood = view["outstanding"].as_u64().unwrap_or(0);
+
+    // Buyers at ten times the rate: ten seconds' worth of admissions arrive within the first
+    // second, wait their turn, and buy.
+    let buyers = (ROOM_RATE * 10) as usize;
+    let config = SaleConfig {
+        activity: 3,
+        stock: ACCEPTED_STOCK,
+        requests: buyers,
+        concurrency: buyers,
+        repeat_every: 0,
+        first_user: 1,
+        retry_ms: 30_000,
+    };
+    let clients = flash_sale_tests::apps::buyer_clients(8)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampling = tokio::spawn(sample_accepted(
+        http.clone(),
+        order.management_url(),
+        3,
+        stop.clone(),
+    ));
+    let progress = std::sync::Arc::new(LoadProgress::default());
+    let (load, figures) =
+        drive_room_sale(&clients, &gateway.url(), &config, ROOM_RATE, &progress).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampling.await.unwrap_or_default();
+    let peak_intake = peak_increase_per_second(&samples);
+    let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
+    stores.wait_for_drain(3, Duration::from_secs(120)).await?;
+    let report = stores
+        .check_invariants(3, ACCEPTED_STOCK, &load.accepted)
+        .await?;
+    for child in &mut children {
+        services::stop(child);
+    }
+    drop(stack);
+
+    println!("\n{figures}");
+    println!("| run | requests/s | vs baseline | P50 ms | P99 ms | non-2xx |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for run in [&base, &flood] {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.1} | {:.1} | {} |",
+            run.name,
+            run.requests_per_sec,
+            run.requests_per_sec / base.requests_per_sec,
+            run.p50_ms,
+            run.p99_ms,
+            run.non_2xx_3xx
+        );
+    }
+    // Only a 200 is a queued buyer's answer; the rest are the room's 503s (Redis not in time).
+    let queued = flood.requests.saturating_sub(flood.non_2xx_3xx);
+    let queued_rate = queued as f64 / flood_secs;
+    println!(
+        "\njoin flood: {} joins in {flood_secs:.1} s, {queued} answered 200 (queued or admitted): {queued_rate:.0}/s, {:.2} of the baseline; {admitted_in_flood} admitted: {:.3} of the rate ({ROOM_RATE}/s)",
+        flood.requests,
+        queued_rate / base.requests_per_sec,
+        admitted_in_flood as f64 / (f64::from(ROOM_RATE) * flood_secs)
+    );
+    println!(
+        "buyers at 10x the rate: {} buyers, {} orders; order-service's busiest second accepted {peak_intake}: {:.3} of the rate; admitted out of arrival order (50 ms): {:.2} %",
+        buyers,
+        load.accepted.len(),
+        peak_intake as f64 / f64::from(ROOM_RATE),
+        figures.out_of_order_share * 100.0
+    );
+    println!("invariants\n{report}");
+    report.ensure()?;
+    ensure!(
+        load.accepted.len() == buyers,
+        "{} of {buyers} buyers bought",
+        load.accepted.len()
+    );
+    Ok(())
+}
+
+/// order-service's count of accepted orders for `activity`, read every 100 ms until `stop`:
+/// (ms since the start, count).
+async fn sample_accepted(
+    http: reqwest::Client,
+    management: String,
+    activity: i64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(u64, f64)> {
+    let series = format!("flash_sale_orders_total{{activity=\"{activity}\",outcome=\"accepted\"}}");
+    let started = std::time::Instant::now();
+    let mut samples = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(res) = http.get(format!("{management}/metrics")).send().await
+            && let Ok(text) = res.text().await
+        {
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0);
+            samples.push((started.elapsed().as_millis() as u64, value));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
+}
+
+/// The largest increase of a counter over any one second of its samples.
+fn peak_increase_per_second(samples: &[(u64, f64)]) -> u64 {
+    let mut peak = 0.0f64;
+    let mut from = 0;
+    for &(at, value) in samples {
+        while at - samples[from].0 > 1000 {
+            from += 1;
+        }
+        peak = peak.max(value - samples[from].1);
+    }
+    peak as u64
 }

@@ -119,8 +119,9 @@ async fn room_view(
     let redis = state.flow.cluster().redis().ok_or_else(no_redis)?;
     let rules = state.flow.rules().current();
     let rule = rules.rules().waiting_room(activity.get()).cloned();
+    // Looking does not advance the queue (no rate given): the view changes nothing.
     let info = Room::new(redis, activity)
-        .info(rule.as_ref(), &rules.rules().admission)
+        .info(None, &rules.rules().admission)
         .await
         .map_err(|e| ApiError::unavailable("Redis", e))?
         .ok_or_else(|| ApiError::new(ErrorCode::ActivityNotFound, "no such activity"))?;
