@@ -227,6 +227,7 @@ async fn gateway(
     };
     settings.management = settings.server.clone();
     settings.auth.hs256_secret = Secret::new(SECRET);
+    settings.admission.secret = Secret::new("gateway-test-admission-secret-of-32-bytes");
     settings.upstreams.order_service = upstream.to_owned();
     settings.redis.url = Secret::new(redis_url);
     let file = dir.join(format!(

@@ -91,6 +91,7 @@ pub(crate) fn settings() -> Settings {
     };
     s.management = s.server.clone();
     s.auth.hs256_secret = Secret::new(SECRET);
+    s.admission.secret = Secret::new("gateway-test-admission-secret-of-32-bytes");
     let nowhere = refusing_address();
     s.upstreams.order_service = format!("http://{nowhere}");
     s.upstreams.inventory_service = format!("http://{nowhere}");
