@@ -356,7 +356,6 @@ pub async fn drive_room_sale(
                     return part;
                 }
                 let user = config.user(i);
-                let joined = Instant::now();
                 let wait = wait_for_pass(
                     &http,
                     &gateway,
@@ -367,10 +366,7 @@ pub async fn drive_room_sale(
                 )
                 .await;
                 let key = match wait {
-                    Err(error) => {
-                        part.endings.push((joined, None));
-                        format!("no answer from the room ({error})")
-                    }
+                    Err(error) => format!("no answer from the room ({error})"),
                     Ok(outcome) => {
                         part.polls += u64::from(outcome.polls);
                         let key = match &outcome.answer {
@@ -389,7 +385,7 @@ pub async fn drive_room_sale(
                             }
                             Answer::Waiting { .. } => None,
                         };
-                        part.endings.push((joined, Some(outcome)));
+                        part.endings.push(outcome);
                         key.unwrap_or_else(|| "still waiting".to_owned())
                     }
                 };
@@ -433,7 +429,7 @@ pub async fn drive_room_sale(
     figures.wait_ms = percentiles(&mut waits, &[0.5, 0.99, 1.0])
         .try_into()
         .expect("three percentiles");
-    let outcomes: Vec<Outcome> = endings.into_iter().filter_map(|(_, o)| o).collect();
+    let outcomes = endings;
     for o in &outcomes {
         match &o.answer {
             Answer::Admitted { .. } => figures.admitted += 1,
@@ -525,7 +521,8 @@ async fn buy_once(
 struct RoomPart {
     latencies: Vec<Duration>,
     waits: Vec<Duration>,
-    endings: Vec<(Instant, Option<Outcome>)>,
+    /// Every wait that ended with an answer (each [`Outcome`] carries its join time).
+    endings: Vec<Outcome>,
     outcomes: BTreeMap<String, usize>,
     accepted: Vec<(String, i64)>,
     accepted_at: Vec<Instant>,
