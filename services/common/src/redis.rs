@@ -297,6 +297,17 @@ impl Redis {
         })
     }
 
+    /// The same connection and bound on calls in flight, with other limits for the calls made
+    /// through the copy. A copy can only wait less than the connection itself allows
+    /// (`redis.response_timeout_ms`, at connect): its timeout is the smaller of the two.
+    pub fn with_timeouts(&self, acquire: Duration, response: Duration) -> Self {
+        Self {
+            acquire_timeout: acquire,
+            response_timeout: response.min(self.response_timeout),
+            ..self.clone()
+        }
+    }
+
     /// Runs a script, timing it under `flash_sale_redis_script_duration_seconds{script}`.
     pub async fn run<T: FromRedisValue>(
         &self,

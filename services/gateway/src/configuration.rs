@@ -47,10 +47,12 @@ impl Default for Settings {
             connections: ConnectionSettings::default(),
             auth: AuthSettings::default(),
             admission: AdmissionSettings::default(),
+            // The waiting room's and the passes' calls, and the connection's own timeout; the
+            // cluster bucket's calls have shorter limits (`cluster.bucket_*`).
             redis: RedisSettings {
                 max_in_flight: 2048,
-                acquire_timeout_ms: 10,
-                response_timeout_ms: 100,
+                acquire_timeout_ms: 250,
+                response_timeout_ms: 1000,
                 ..RedisSettings::default()
             },
             cluster: ClusterSettings::default(),
@@ -335,6 +337,11 @@ pub struct ClusterSettings {
     /// After a failed Redis call, how long the local share decides before Redis is tried again,
     /// so a dead Redis costs one timeout per interval rather than one per request.
     pub retry_ms: u64,
+    /// How long a bucket call waits for one of `redis.max_in_flight` slots. The bucket's calls
+    /// are short-fused: a late answer only means the local share decides that request.
+    pub bucket_acquire_timeout_ms: u64,
+    /// Timeout of one bucket call or heartbeat (at most `redis.response_timeout_ms`).
+    pub bucket_response_timeout_ms: u64,
 }
 
 impl Default for ClusterSettings {
@@ -343,6 +350,8 @@ impl Default for ClusterSettings {
             replicas_hint: 3,
             heartbeat_ms: 1000,
             retry_ms: 1000,
+            bucket_acquire_timeout_ms: 10,
+            bucket_response_timeout_ms: 100,
         }
     }
 }

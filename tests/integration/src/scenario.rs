@@ -564,6 +564,20 @@ impl Stores {
         Ok(n)
     }
 
+    /// When Redis reserved each order of `activity` in MySQL (order-service's acceptance, on
+    /// Redis' one clock), in ms since the epoch: what order-service took in, read from the book
+    /// of record rather than sampled from a counter.
+    pub async fn reserved_at_ms(&self, activity: i64) -> anyhow::Result<Vec<u64>> {
+        let instants: Vec<i64> = sqlx::query_scalar(
+            "SELECT CAST(UNIX_TIMESTAMP(reserved_at) * 1000 AS SIGNED) FROM orders \
+             WHERE activity_id = ? AND reserved_at IS NOT NULL",
+        )
+        .bind(activity)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(instants.into_iter().map(|ms| ms.max(0) as u64).collect())
+    }
+
     pub async fn order_count(&self, activity: i64) -> anyhow::Result<i64> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders WHERE activity_id = ?")
             .bind(activity)

@@ -62,13 +62,31 @@ struct LocalShare {
 pub struct ClusterLimiter {
     settings: ClusterSettings,
     instance: String,
-    redis: OnceLock<Redis>,
+    redis: OnceLock<Handles>,
     replicas: AtomicUsize,
     /// While set and in the future, the local share decides without trying Redis.
     retry_at: Mutex<Option<Instant>>,
     in_fallback: AtomicBool,
     /// One per route, indexed by `RouteId as usize`.
     routes: [RouteState; RouteId::ALL.len()],
+}
+
+/// One Redis connection, seen with two sets of limits: the bucket's short ones, and the
+/// connection's own for everyone else (the waiting room, the passes, the management routes),
+/// whose callers would rather wait a second than answer 503.
+struct Handles {
+    shared: Redis,
+    bucket: Redis,
+}
+
+impl Handles {
+    fn new(shared: Redis, settings: &ClusterSettings) -> Self {
+        let bucket = shared.with_timeouts(
+            Duration::from_millis(settings.bucket_acquire_timeout_ms),
+            Duration::from_millis(settings.bucket_response_timeout_ms),
+        );
+        Self { shared, bucket }
+    }
 }
 
 /// One route's lease, the lock that lets one refill run at a time, and its local share for
@@ -116,7 +134,7 @@ impl ClusterLimiter {
     /// Uses an already connected Redis (tests).
     pub fn with_redis(settings: &ClusterSettings, redis: Redis) -> Self {
         let this = Self::new(settings);
-        let _ = this.redis.set(redis);
+        let _ = this.redis.set(Handles::new(redis, settings));
         this
     }
 
@@ -125,9 +143,10 @@ impl ClusterLimiter {
         self.replicas.load(Ordering::Relaxed).max(1)
     }
 
-    /// The Redis connection, once made (the waiting room shares it).
+    /// The Redis connection, once made, with the connection's own limits (the waiting room
+    /// and the passes share it).
     pub fn redis(&self) -> Option<&Redis> {
-        self.redis.get()
+        self.redis.get().map(|h| &h.shared)
     }
 
     /// Whether a Redis connection has been made (it reconnects by itself after that).
@@ -156,7 +175,7 @@ impl ClusterLimiter {
         if let Some(decision) = lock(&lease.book).take(needed, Instant::now()) {
             return decision;
         }
-        match self.redis.get() {
+        match self.redis.get().map(|h| &h.bucket) {
             Some(redis) if !self.waiting_to_retry() => {
                 let (wanted, returned) = lock(&lease.book).start_refill(rule, Instant::now());
                 match self.call(redis, resource, rule, wanted, returned).await {
@@ -283,7 +302,7 @@ impl ClusterLimiter {
                 connection = connect => connection,
             };
             if let Ok(connection) = connection {
-                let _ = self.redis.set(connection);
+                let _ = self.redis.set(Handles::new(connection, &self.settings));
                 tracing::info!("cluster rate limit: connected to Redis");
             }
         }
@@ -299,7 +318,7 @@ impl ClusterLimiter {
 
     /// One heartbeat: registers this replica and reads how many are alive.
     pub async fn beat(&self) {
-        let Some(redis) = self.redis.get() else {
+        let Some(redis) = self.redis.get().map(|h| &h.bucket) else {
             return;
         };
         let mut invocation = HEARTBEAT.prepare_invoke();

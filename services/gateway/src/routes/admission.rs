@@ -235,9 +235,11 @@ fn respond(
             let estimated = position.map(|p| p * 1000 / rate);
             let until_open = answer.opens_ms.saturating_sub(now_ms());
             // Poll about twice per estimated wait, at most every 5 s, spread a little so the
-            // polls of buyers who joined together do not arrive together.
+            // polls of buyers who joined together do not arrive together. Near the head every
+            // 100 ms: an admitted buyer learns it at the next poll, and the later that comes,
+            // the more the buys of one second of admissions spill into the next.
             let base = match estimated {
-                Some(wait) => (wait / 2).clamp(250, 5000),
+                Some(wait) => (wait / 2).clamp(100, 5000),
                 None => until_open.clamp(250, 5000),
             };
             let retry = base + rand::random::<u64>() % (base / 4 + 1);

@@ -16,8 +16,12 @@ fn defaults_are_the_seeds_ports_and_upstreams_and_the_safe_choices() {
     );
     assert!(s.routes.flash_sale.authenticate && !s.routes.inventory.authenticate);
     assert!(
-        s.redis.response_timeout_ms <= 100,
-        "a slow Redis costs little before the fallback"
+        s.cluster.bucket_response_timeout_ms <= 100 && s.cluster.bucket_acquire_timeout_ms <= 10,
+        "a slow Redis costs a bucket call little before the fallback"
+    );
+    assert!(
+        s.redis.response_timeout_ms >= 10 * s.cluster.bucket_response_timeout_ms,
+        "the waiting room, which has no fallback, waits longer for Redis than the bucket"
     );
 }
 
