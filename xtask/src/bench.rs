@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use axum::Router;
 use axum::routing::post;
-use flash_sale_tests::admission::drive_room_sale;
+use flash_sale_tests::admission::{drive_room_sale, peak_per_second};
 use flash_sale_tests::apps::http_client;
 use flash_sale_tests::scenario::{Admin, LoadProgress, SaleConfig, Stores};
 use flash_sale_tests::stack::{BrokerStorage, Server, Stack, free_port};
@@ -217,7 +217,7 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
                 &activity.to_string(),
             )?;
             let per_request = |seconds: f64| seconds * 1e6 / run.requests.max(1) as f64;
-            stores
+            let drain = stores
                 .wait_for_drain(activity, Duration::from_secs(300))
                 .await?;
             let after = bill(&pids);
@@ -226,7 +226,7 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
             machine[i] = per_request(machine_busy_seconds() - machine_before);
             let answered_2xx = run.requests.saturating_sub(run.non_2xx_3xx);
             check_invariants(&stores, activity, ACCEPTED_STOCK, answered_2xx, &run.name).await?;
-            cpu.push((run.name.clone(), process, machine[i]));
+            cpu.push((run.name.clone(), process, machine[i], drain));
             rates[i] = run.requests_per_sec;
             runs.push(run);
         }
@@ -325,20 +325,25 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
         "MySQL: each process's (user + system: /proc/<pid>/stat; wrk as this process's reaped child),"
     );
     println!(
-        "their sum, and the whole machine's over the same time (/proc/stat, steal excluded):\n"
+        "their sum, the whole machine's over the same time (/proc/stat, steal excluded), and how long\n\
+         the orders took to reach MySQL after the load stopped and a second of rest (drain):\n"
     );
     println!(
-        "| run | {} | sum | machine | not in a process |",
+        "| run | {} | sum | machine | not in a process | drain s |",
         PROCESSES.join(" | ")
     );
-    println!("|---|{}---:|---:|---:|", "---:|".repeat(PROCESSES.len()));
-    for (name, process, machine_us) in &cpu {
+    println!(
+        "|---|{}---:|---:|---:|---:|",
+        "---:|".repeat(PROCESSES.len())
+    );
+    for (name, process, machine_us, drain) in &cpu {
         let sum: f64 = process.iter().sum();
         let cells: Vec<String> = process.iter().map(|us| format!("{us:.1}")).collect();
         println!(
-            "| {name} | {} | {sum:.1} | {machine_us:.1} | {:.1} |",
+            "| {name} | {} | {sum:.1} | {machine_us:.1} | {:.1} | {:.1} |",
             cells.join(" | "),
-            machine_us - sum
+            machine_us - sum,
+            drain.as_secs_f64()
         );
     }
     println!("\naccepted orders per second by round, and the spread (max / min - 1) of each arm:");
@@ -667,7 +672,7 @@ const ROOM_RATE: u32 = 200;
 /// joins (wrk: every request a new buyer), and buyers who arrive at ten times the admission
 /// rate and buy with their passes. It reports the room's answer rate against the baseline,
 /// the admissions against the rate, order-service's busiest second of accepted orders
-/// against the rate (from its own counter, read every 100 ms), and the share of buyers
+/// against the rate (from the orders' reservation instants in MySQL), and the share of buyers
 /// admitted out of arrival order.
 async fn bench_room(o: Args) -> anyhow::Result<()> {
     let root = services::workspace_root().join("target/flash-sale");
@@ -766,24 +771,15 @@ async fn bench_room(o: Args) -> anyhow::Result<()> {
         retry_ms: 30_000,
     };
     let clients = flash_sale_tests::apps::buyer_clients(8)?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampling = tokio::spawn(sample_accepted(
-        http.clone(),
-        order.management_url(),
-        3,
-        stop.clone(),
-    ));
     let progress = std::sync::Arc::new(LoadProgress::default());
     let (load, figures) =
         drive_room_sale(&clients, &gateway.url(), &config, ROOM_RATE, &progress).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let samples = sampling.await.unwrap_or_default();
-    let peak_intake = peak_increase_per_second(&samples);
     let stores = Stores::connect(&info.database_url(), &info.redis_url()).await?;
     stores.wait_for_drain(3, Duration::from_secs(120)).await?;
     let report = stores
         .check_invariants(3, ACCEPTED_STOCK, &load.accepted)
         .await?;
+    let peak_intake = peak_per_second(&stores.reserved_at_ms(3).await?);
     for child in &mut children {
         services::stop(child);
     }
@@ -827,44 +823,4 @@ async fn bench_room(o: Args) -> anyhow::Result<()> {
         load.accepted.len()
     );
     Ok(())
-}
-
-/// order-service's count of accepted orders for `activity`, read every 100 ms until `stop`:
-/// (ms since the start, count).
-async fn sample_accepted(
-    http: reqwest::Client,
-    management: String,
-    activity: i64,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<(u64, f64)> {
-    let series = format!("flash_sale_orders_total{{activity=\"{activity}\",outcome=\"accepted\"}}");
-    let started = std::time::Instant::now();
-    let mut samples = Vec::new();
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Ok(res) = http.get(format!("{management}/metrics")).send().await
-            && let Ok(text) = res.text().await
-        {
-            let value = text
-                .lines()
-                .find_map(|l| l.strip_prefix(series.as_str()))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0.0);
-            samples.push((started.elapsed().as_millis() as u64, value));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    samples
-}
-
-/// The largest increase of a counter over any one second of its samples.
-fn peak_increase_per_second(samples: &[(u64, f64)]) -> u64 {
-    let mut peak = 0.0f64;
-    let mut from = 0;
-    for &(at, value) in samples {
-        while at - samples[from].0 > 1000 {
-            from += 1;
-        }
-        peak = peak.max(value - samples[from].1);
-    }
-    peak as u64
 }

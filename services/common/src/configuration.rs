@@ -161,6 +161,8 @@ pub struct KafkaSettings {
     /// reservation and answers 503. Keep it well under the reconciler's reservation deadline.
     pub message_timeout_ms: u64,
     /// How long the producer waits to fill a batch; a few ms trade latency for throughput.
+    /// The broker's cost is mostly per batch (per partition of a produce request), so fuller
+    /// batches cost it less per order (docs/performance.md, "the whole bill").
     pub linger_ms: u64,
     /// Upper bound on messages the producer holds in memory (librdkafka's own queue).
     pub max_buffered_messages: u64,
@@ -173,7 +175,7 @@ impl Default for KafkaSettings {
             topic: "flash-sale-order-topic".into(),
             group_id: "order-service".into(),
             message_timeout_ms: 5000,
-            linger_ms: 2,
+            linger_ms: 10,
             max_buffered_messages: 100_000,
         }
     }

@@ -31,12 +31,15 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// The process-wide Prometheus recorder; installed once, shared by every app in the process.
 /// Buckets of the waiting room's wait, in seconds.
 const WAIT_BUCKETS: &[f64] = &[
     0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
 ];
 
+/// Buckets of order-service's acknowledgement lots, in orders per Redis call.
+const LOT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// The process-wide Prometheus recorder; installed once, shared by every app in the process.
 pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
@@ -48,6 +51,11 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Full("gateway_waiting_room_wait_seconds".into()),
                     WAIT_BUCKETS,
+                )
+                .expect("buckets are not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("flash_sale_ack_lot_size".into()),
+                    LOT_BUCKETS,
                 )
                 .expect("buckets are not empty")
                 .install_recorder()

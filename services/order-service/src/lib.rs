@@ -18,6 +18,7 @@
 //! Layout: `configuration` (settings), `startup` (binding, tasks, drain), `routes` (handlers),
 //! `publisher`, `consumer`, `lifecycle`, `sweeper`, `sold_out`, `state`.
 
+pub mod acker;
 pub mod configuration;
 pub mod consumer;
 pub mod fence;

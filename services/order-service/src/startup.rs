@@ -12,6 +12,7 @@ use flash_sale_common::telemetry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::acker::Acker;
 use crate::configuration::Settings;
 use crate::consumer::OrderConsumer;
 use crate::fence::{RedisGuard, Unverified};
@@ -81,6 +82,7 @@ impl Application {
             tracing::warn!("payment.callback_secret is empty: every payment callback is refused");
         }
         let state = AppState {
+            acker: Acker::start(redis.clone()),
             redis,
             db,
             payment: Arc::new(settings.payment.clone()),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use flash_sale_common::redis::Redis;
 use sqlx::MySqlPool;
 
+use crate::acker::Acker;
 use crate::configuration::{OrderSettings, PaymentSettings};
 use crate::fence::Unverified;
 use crate::publisher::Publisher;
@@ -13,6 +14,8 @@ use crate::sold_out::SoldOut;
 #[derive(Clone)]
 pub struct AppState {
     pub redis: Redis,
+    /// Acknowledges reservations after their publish, in groups (`acker`).
+    pub acker: Acker,
     pub db: MySqlPool,
     pub publisher: Publisher,
     pub sold_out: Arc<SoldOut>,

@@ -229,18 +229,12 @@ async fn buy(
     }
 
     // The broker has the order. Mark the reservation acknowledged so the reconciler never
-    // releases it; only then may the buyer be told yes.
-    let from = [ReservationState::Reserved];
+    // releases it; only then may the buyer be told yes. The acknowledgements of orders
+    // published together go to Redis together (`acker`).
     for attempt in 0..3 {
-        match state
-            .redis
-            .transition(activity, &[&order_no], &from, ReservationState::Acked)
-            .await
-        {
+        match state.acker.ack(activity, &order_no).await {
             // Moved to Acked, or the consumer was faster and already claimed or settled it.
-            Ok(codes) if matches!(codes.first(), Some(-1..=1)) => {
-                return ("accepted", Ok(order_no));
-            }
+            Ok(-1..=1) => return ("accepted", Ok(order_no)),
             Ok(_) => break, // released: the consumer will skip the message
             Err(error) if attempt == 2 => {
                 tracing::warn!(%order_no, %error, "cannot mark the reservation acknowledged");

@@ -1,6 +1,7 @@
 //! Black-box tests of the buy path through real Redis, MariaDB and a Kafka-protocol broker,
 //! each private to the test and torn down after it.
 
+mod acker;
 mod api_answers;
 mod bad_input;
 mod buyer_page;
