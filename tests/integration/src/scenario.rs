@@ -564,9 +564,9 @@ impl Stores {
         Ok(n)
     }
 
-    /// When Redis reserved each order of `activity` in MySQL (order-service's acceptance, on
-    /// Redis' one clock), in ms since the epoch: what order-service took in, read from the book
-    /// of record rather than sampled from a counter.
+    /// When each order of `activity` in MySQL was reserved (`reserved_at`: order-service's
+    /// clock right after Redis reserved it), in ms since the epoch: what order-service took in,
+    /// read from the book of record rather than sampled from a counter.
     pub async fn reserved_at_ms(&self, activity: i64) -> anyhow::Result<Vec<u64>> {
         let instants: Vec<i64> = sqlx::query_scalar(
             "SELECT CAST(UNIX_TIMESTAMP(reserved_at) * 1000 AS SIGNED) FROM orders \
