@@ -96,7 +96,14 @@ else
 end
 local waiting = total - cursor
 if rate > 0 then
-  redis.call('HSET', KEYS[4], 'w', waiting)
+  -- Buyers the stock holds back cannot take what the bucket earns meanwhile: while nothing is
+  -- left to admit, they do not let it fill, or stock that comes back after a quiet spell would
+  -- be admitted all at once.
+  local takers = waiting
+  if stock - outstanding <= 0 then
+    takers = 0
+  end
+  redis.call('HSET', KEYS[4], 'w', takers)
 end
 
 if op == 'info' then

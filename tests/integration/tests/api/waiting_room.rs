@@ -721,6 +721,67 @@ async fn positions(
     out
 }
 
+/// Stock that comes back after the room stood sold out for a while is admitted at the room's
+/// rate, not all at once: buyers held back by the stock did not let the bucket fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_that_comes_back_is_admitted_at_the_rate_not_at_once() {
+    let apps = spawn_apps().await;
+    apps.admin().create_activity(8, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = gateway_with(
+        &apps,
+        &dir,
+        &rules("[[waiting_room]]\nactivity = 8\nrate = 5\nburst = 0\n"),
+    )
+    .await;
+    let (http, url) = (&apps.http, gateway.base_url.as_str());
+    // 22 buyers join; two are admitted (the stock), the other 20 wait behind a sold-out room
+    // and never poll again.
+    for user in 1..=22 {
+        admission::join(http, url, 8, user).await.unwrap();
+    }
+    let outstanding = |view: &Value| view["outstanding"].as_u64().unwrap();
+    let view = |http: &reqwest::Client| {
+        let url = format!("{}/waiting-room/8", gateway.management_url);
+        let http = http.clone();
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outstanding(&view(http).await) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the room never admitted the stock"
+        );
+        admission::info(http, url, 8).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Three seconds sold out: at 5 a second the bucket would have earned 15.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    apps.admin()
+        .call(
+            reqwest::Method::POST,
+            &flash_sale_common::api::inventory::activity(8, "restock"),
+            Some(serde_json::json!({ "quantity": 20 })),
+        )
+        .await
+        .unwrap();
+    // The next call advances the queue once: it may admit what one call earns, not 15.
+    admission::join(http, url, 8, 23).await.unwrap();
+    let admitted_at_once = outstanding(&view(http).await) - 2;
+    assert!(
+        admitted_at_once <= 1,
+        "{admitted_at_once} admitted by the first call after the stock came back"
+    );
+}
+
 /// The operator pauses a room (nobody is admitted, places are kept), resumes it, and sends
 /// everyone to the queue (a quiet room with a burst no longer admits on the join).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
