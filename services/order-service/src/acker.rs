@@ -21,7 +21,6 @@ const MAX_LOT: usize = 256;
 
 /// One acknowledgement on its way: the reply is `transition`'s code for this order.
 struct Waiting {
-    activity: ActivityId,
     order_no: OrderNo,
     reply: oneshot::Sender<Result<i64, RedisFailure>>,
 }
@@ -40,12 +39,11 @@ impl Acker {
         Self { queue }
     }
 
-    /// Moves the reservation of `order_no` from `R` to `A`; `transition`'s code for it (1 moved,
+    /// Moves the reservation of `order_no` (of the activity its number names) from `R` to `A`; `transition`'s code for it (1 moved,
     /// 0 no reservation, -1 other state, -2 released).
-    pub async fn ack(&self, activity: ActivityId, order_no: &OrderNo) -> Result<i64, RedisFailure> {
+    pub async fn ack(&self, order_no: &OrderNo) -> Result<i64, RedisFailure> {
         let (reply, answer) = oneshot::channel();
         let waiting = Waiting {
-            activity,
             order_no: order_no.clone(),
             reply,
         };
@@ -62,7 +60,7 @@ async fn run(redis: Redis, mut lots: mpsc::UnboundedReceiver<Waiting>) {
         let mut by_activity: BTreeMap<ActivityId, Vec<Waiting>> = BTreeMap::new();
         for waiting in lot.drain(..) {
             by_activity
-                .entry(waiting.activity)
+                .entry(waiting.order_no.activity())
                 .or_default()
                 .push(waiting);
         }

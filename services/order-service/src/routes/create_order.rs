@@ -232,7 +232,7 @@ async fn buy(
     // releases it; only then may the buyer be told yes. The acknowledgements of orders
     // published together go to Redis together (`acker`).
     for attempt in 0..3 {
-        match state.acker.ack(activity, &order_no).await {
+        match state.acker.ack(&order_no).await {
             // Moved to Acked, or the consumer was faster and already claimed or settled it.
             Ok(-1..=1) => return ("accepted", Ok(order_no)),
             Ok(_) => break, // released: the consumer will skip the message

@@ -50,10 +50,10 @@ async fn acknowledgements_waiting_together_share_one_call_and_each_gets_its_answ
 
     let acker = Acker::start(redis);
     let calls_before = scripts_run(&mut conn).await.unwrap();
-    let acks = expected.iter().map(|(activity, order, _)| {
+    let acks = expected.iter().map(|(_, order, _)| {
         let acker = acker.clone();
-        let (activity, order) = (*activity, order.clone());
-        tokio::spawn(async move { acker.ack(activity, &order).await })
+        let order = order.clone();
+        tokio::spawn(async move { acker.ack(&order).await })
     });
     let answers = futures::future::join_all(acks.collect::<Vec<_>>()).await;
     let calls = scripts_run(&mut conn).await.unwrap() - calls_before;
