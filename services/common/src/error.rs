@@ -72,7 +72,7 @@ error_codes! {
     PassInvalid => (FORBIDDEN, "PASS_INVALID", "The purchase pass is forged, malformed, or for another buyer or activity."),
     PassExpired => (FORBIDDEN, "PASS_EXPIRED", "The purchase pass has expired; join again for a new one."),
     PassUsed => (CONFLICT, "PASS_USED", "The purchase pass has been used already."),
-    TicketInvalid => (FORBIDDEN, "TICKET_INVALID", "The queue ticket is forged, malformed, for another buyer or activity, or not in the queue."),
+    TicketInvalid => (FORBIDDEN, "TICKET_INVALID", "The queue ticket is forged, malformed, or for another buyer or activity."),
     TicketExpired => (FORBIDDEN, "TICKET_EXPIRED", "The queue ticket has expired; join the queue again."),
     RequestTimeout => (REQUEST_TIMEOUT, "REQUEST_TIMEOUT", "The request did not arrive in time; the connection is closed."),
     PayloadTooLarge => (PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "The body is larger than allowed."),

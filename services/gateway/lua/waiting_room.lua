@@ -6,7 +6,7 @@
 -- Returns {state, position, opens_ms, deadline_ms, waiting, admitted_by_this_call, first}:
 --   state  1 admitted (deadline: the pass')  0 waiting (position 1-based, -1 before the opening)
 --         -1 sold out (the admitted can take all that is left)    -2 sale ended
---         -3 unknown activity    -4 not in the queue    -5 waiting, admission paused
+--         -3 unknown activity    -5 waiting, admission paused
 --         -6 admitted and the pass spent    -7 admitted and the pass lapsed
 -- info: {ends_ms, now_ms, stock, waiting, outstanding, mode (0 open, 1 paused, 2 queue-all), opens_ms}
 local OPEN_BASE = 2199023255552 -- 2^41: after the opening, scores are this plus a sequence
@@ -121,7 +121,14 @@ if not rank then
   if stock - outstanding <= 0 then
     return {-1, 0, starts, 0, waiting, admitted, 0}
   end
-  return {-4, 0, starts, 0, waiting, admitted, 0}
+  -- A status poll (a join always has a place here): its ticket says it joined, so it left when
+  -- told sold out (or the queue was lost). Stock is back: it queues again at the end, as a
+  -- newcomer would.
+  op = 'join'
+  join()
+  rank = redis.call('ZRANK', KEYS[3], user)
+  waiting = waiting + 1
+  redis.call('HSET', KEYS[4], 'w', waiting)
 end
 local deadline = redis.call('ZSCORE', KEYS[5], user)
 if deadline then

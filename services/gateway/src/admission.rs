@@ -7,6 +7,7 @@
 //! and spent by `lua/pass.lua`, atomically per activity (one hash tag).
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use flash_sale_common::domain::{ActivityId, UserId};
 use flash_sale_common::error::{ApiError, ErrorCode};
@@ -36,6 +37,25 @@ const MIN_SECRET: usize = 32;
 
 /// Scores below this are the pre-opening draw (`lua/waiting_room.lua`).
 const DRAW_BELOW: u64 = 1 << 41;
+
+/// How far ahead of its slot in a room's redemption schedule an order may be forwarded: a
+/// second takes at most the rate plus this much of it (`lua/pass.lua`).
+const REDEEM_TOLERANCE_MS: u64 = 20;
+
+/// The longest a redeemed pass waits for its slot; past it the pass is not spent and the buyer
+/// is told to retry.
+const REDEEM_MAX_WAIT_MS: u64 = 2000;
+
+/// What spending a pass came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redemption {
+    /// Spent: forward the order after `wait` (its slot in the room's schedule).
+    Spent { wait: Duration },
+    /// Refused; nothing changed.
+    Refused(Refusal),
+    /// Not spent: the schedule is `wait` ahead, longer than a buyer is kept waiting.
+    Crowded { wait: Duration },
+}
 
 /// What a token is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,7 +325,8 @@ pub enum Standing {
     SoldOut,
     SaleEnded,
     UnknownActivity,
-    /// The ticket's holder is not in this queue (the queue was reset).
+    /// A state this gateway does not know (the script never answers one): refused as a bad
+    /// ticket. A holder who left the queue is queued again by its next poll.
     NotInQueue,
     /// Admitted once, and the pass was spent.
     Spent,
@@ -469,23 +490,38 @@ impl<'a> Room<'a> {
         }))
     }
 
-    /// Spends a pass once.
+    /// Spends a pass once. A room's pass takes the next slot of the room's redemption
+    /// schedule (`room`'s rate, cluster-wide), and its order is to be forwarded after the wait.
     pub async fn redeem(
         &self,
         user: UserId,
         claims: &Claims,
-    ) -> Result<Result<(), Refusal>, RedisFailure> {
-        let outcome: i64 = self.pass("redeem", user, claims).await?;
-        Ok(match outcome {
-            1 => Ok(()),
-            -1 => Err(Refusal::PassUsed),
-            _ => Err(Refusal::PassExpired),
+        room: Option<&WaitingRoomRule>,
+    ) -> Result<Redemption, RedisFailure> {
+        let (rate, tolerance_ms) = room.map_or((0, 0), |r| {
+            let rate = r.rate.max(1);
+            (
+                rate,
+                REDEEM_TOLERANCE_MS + u64::from(r.burst) * 1000 / u64::from(rate),
+            )
+        });
+        let outcome: Vec<i64> = self
+            .pass("redeem", user, claims, rate, tolerance_ms)
+            .await?;
+        let wait = || Duration::from_millis(outcome.get(1).copied().unwrap_or(0).max(0) as u64);
+        Ok(match outcome.first() {
+            Some(1) => Redemption::Spent { wait: wait() },
+            Some(-1) => Redemption::Refused(Refusal::PassUsed),
+            Some(-3) => Redemption::Crowded { wait: wait() },
+            _ => Redemption::Refused(Refusal::PassExpired),
         })
     }
 
     /// Gives a spent pass back (the order could not be forwarded).
     pub async fn restore(&self, user: UserId, claims: &Claims) -> Result<(), RedisFailure> {
-        self.pass::<i64>("restore", user, claims).await.map(drop)
+        self.pass::<i64>("restore", user, claims, 0, 0)
+            .await
+            .map(drop)
     }
 
     async fn pass<T: redis::FromRedisValue>(
@@ -493,16 +529,22 @@ impl<'a> Room<'a> {
         op: &str,
         user: UserId,
         claims: &Claims,
+        rate: u32,
+        tolerance_ms: u64,
     ) -> Result<T, RedisFailure> {
         let mut invocation = PASS.prepare_invoke();
         invocation
             .key(self.key(&format!("used:{}", claims.jti)))
             .key(self.key("passes"))
             .key(self.key("spent"))
+            .key(self.key("state"))
             .arg(op)
             .arg(user.get())
             .arg(u8::from(claims.room))
-            .arg(claims.at);
+            .arg(claims.at)
+            .arg(rate)
+            .arg(tolerance_ms)
+            .arg(REDEEM_MAX_WAIT_MS);
         self.redis.run("gateway_pass", &invocation).await
     }
 

@@ -12,13 +12,13 @@ use axum::response::{IntoResponse, Response};
 use flash_sale_common::api::order::CreateOrderRequest;
 use flash_sale_common::api::{self, inventory::StockChange};
 use flash_sale_common::domain::{ActivityId, OrderNo, Quantity, UserId};
-use flash_sale_common::error::{ErrorBody, ErrorCode};
+use flash_sale_common::error::{ApiError, ErrorBody, ErrorCode};
 use flash_sale_common::json::{self, ObjectError};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::admission::{Claims, Kind, PASS_HEADER, Refusal, Room};
+use crate::admission::{Claims, Kind, PASS_HEADER, Redemption, Refusal, Room};
 use crate::error::GatewayError;
 use crate::flow::FlowRequest;
 use crate::flow::sold_out::SoldOutProbe;
@@ -165,6 +165,7 @@ async fn handle(
 }
 
 /// A checked purchase pass of an order creation, to be spent once.
+#[derive(Clone)]
 struct Pass {
     activity: ActivityId,
     user: UserId,
@@ -224,16 +225,46 @@ impl Pass {
                 .increment(1);
             return Ok(());
         };
+        let rules = state.flow.rules().current();
+        let room = self
+            .claims
+            .room
+            .then(|| rules.rules().waiting_room(self.activity.get()))
+            .flatten();
         match Room::new(redis, self.activity)
-            .redeem(self.user, &self.claims)
+            .redeem(self.user, &self.claims, room)
             .await
         {
-            Ok(Ok(())) => {
+            Ok(Redemption::Spent { wait }) => {
                 metrics::counter!("gateway_admission_passes_total", "outcome" => "redeemed")
                     .increment(1);
+                if room.is_some() {
+                    metrics::histogram!("gateway_admission_redeem_wait_seconds")
+                        .record(wait.as_secs_f64());
+                }
+                // The order's slot in the room's schedule: order-service takes a room's
+                // orders at its rate, however its buyers bunch. A buyer who hangs up while it
+                // waits gets the pass back.
+                if !wait.is_zero() {
+                    let waiting = GiveBackOnDrop(Some((state.clone(), self.clone())));
+                    tokio::time::sleep(wait).await;
+                    waiting.disarm();
+                }
                 Ok(())
             }
-            Ok(Err(refusal)) => Err(GatewayError::Admission(refusal)),
+            Ok(Redemption::Refused(refusal)) => Err(GatewayError::Admission(refusal)),
+            Ok(Redemption::Crowded { wait }) => {
+                metrics::counter!("gateway_admission_passes_total", "outcome" => "crowded")
+                    .increment(1);
+                Err(GatewayError::Api(
+                    ApiError::new(
+                        ErrorCode::RateLimited,
+                        "more buyers are ahead of this order than the room lets wait; the pass \
+                         is kept, retry after the given delay",
+                    )
+                    .retry_after(wait.as_secs().max(1)),
+                ))
+            }
             Err(error) => {
                 tracing::warn!(%error, "purchase pass: Redis failed, the order goes on unrecorded");
                 metrics::counter!("gateway_admission_redis_failures_total", "call" => "redeem")
@@ -255,6 +286,24 @@ impl Pass {
             Ok(()) => metrics::counter!("gateway_admission_passes_total", "outcome" => "restored")
                 .increment(1),
             Err(error) => tracing::warn!(%error, "purchase pass: could not give it back"),
+        }
+    }
+}
+
+/// Gives a spent pass back if dropped armed: the request was dropped (its client hung up)
+/// before its order was forwarded.
+struct GiveBackOnDrop(Option<(AppState, Pass)>);
+
+impl GiveBackOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GiveBackOnDrop {
+    fn drop(&mut self) {
+        if let Some((state, pass)) = self.0.take() {
+            tokio::spawn(async move { pass.give_back(&state).await });
         }
     }
 }
