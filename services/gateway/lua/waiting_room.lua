@@ -34,23 +34,26 @@ local cursor = tonumber(st[3] or '0')
 -- calls nobody else waited, and the bucket cannot have earned more than they could take.
 local waited = tonumber(st[5] or '0')
 
+-- Joins `user` unless it has a place. Returns whether it joined now, and whether its place is
+-- then known to be the last (after the opening, scores only grow). A sequence number drawn for
+-- a buyer already in the queue leaves a gap, which orders nobody differently.
 local function join()
-  if op ~= 'join' or ended or redis.call('ZSCORE', KEYS[3], user) then
-    return
+  if op ~= 'join' or ended then
+    return false, false
   end
-  local score
   if now < starts then
-    score = tonumber(ARGV[6])
-  else
-    score = OPEN_BASE + redis.call('HINCRBY', KEYS[4], 'seq', 1)
+    return redis.call('ZADD', KEYS[3], 'NX', tonumber(ARGV[6]), user) == 1, false
   end
-  redis.call('ZADD', KEYS[3], score, user)
+  local score = OPEN_BASE + redis.call('HINCRBY', KEYS[4], 'seq', 1)
+  local added = redis.call('ZADD', KEYS[3], 'NX', score, user) == 1
+  return added, added
 end
 
 -- Advance: the bucket earns `rate` admissions a second from the opening; the cursor moves over
 -- as many waiting buyers as it holds, while the unexpired, unspent passes stay below the stock.
 local total, stock, outstanding
 local admitted = 0
+local advanced = false
 local function advance()
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
   total = redis.call('ZCARD', KEYS[3])
@@ -81,20 +84,28 @@ local function advance()
   end
   tokens = math.min(earned - n, math.max(burst, 1))
   ts = now
-  redis.call('HSET', KEYS[4], 'tokens', tostring(tokens), 'ts', now, 'cursor', cursor)
+  advanced = true
 end
 
 -- With a burst, a quiet room admits the buyer who joins at once; without (or in queue-all),
 -- the room advances first, so every buyer waits at least one poll.
+local joined, last
 if burst > 0 then
-  join()
+  joined, last = join()
   advance()
 else
   advance()
-  join()
-  total = redis.call('ZCARD', KEYS[3])
+  joined, last = join()
+  if joined then
+    total = total + 1
+  end
 end
 local waiting = total - cursor
+-- The bucket and the cursor, with `w`, in one write.
+local state = {}
+if advanced then
+  state = {'tokens', tostring(tokens), 'ts', now, 'cursor', cursor}
+end
 if rate > 0 then
   -- Buyers the stock holds back cannot take what the bucket earns meanwhile: while nothing is
   -- left to admit, they do not let it fill, or stock that comes back after a quiet spell would
@@ -103,7 +114,11 @@ if rate > 0 then
   if stock - outstanding <= 0 then
     takers = 0
   end
-  redis.call('HSET', KEYS[4], 'w', takers)
+  state[#state + 1] = 'w'
+  state[#state + 1] = takers
+end
+if #state > 0 then
+  redis.call('HSET', KEYS[4], unpack(state))
 end
 
 if op == 'info' then
@@ -112,7 +127,12 @@ if op == 'info' then
   return {ends, now, stock, waiting, outstanding, m, starts}
 end
 
-local rank = redis.call('ZRANK', KEYS[3], user)
+local rank
+if last then
+  rank = total - 1
+else
+  rank = redis.call('ZRANK', KEYS[3], user)
+end
 if not rank then
   if ended then
     return {-2, 0, starts, 0, waiting, admitted, 0}
@@ -130,7 +150,11 @@ if not rank then
   waiting = waiting + 1
   redis.call('HSET', KEYS[4], 'w', waiting)
 end
-local deadline = redis.call('ZSCORE', KEYS[5], user)
+-- A buyer who joined after the room advanced was not admitted by it.
+local deadline = false
+if not (last and burst == 0) then
+  deadline = redis.call('ZSCORE', KEYS[5], user)
+end
 if deadline then
   return {1, 0, starts, tonumber(deadline), waiting, admitted, redis.call('SADD', KEYS[7], user)}
 end
