@@ -21,7 +21,7 @@ local ended = ends >= 0 and now >= ends
 local op, user = ARGV[1], ARGV[2]
 local rate, burst, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 
-local st = redis.call('HMGET', KEYS[4], 'tokens', 'ts', 'cursor', 'mode', 'w')
+local st = redis.call('HMGET', KEYS[4], 'tokens', 'ts', 'cursor', 'mode', 'w', 'seq')
 local mode = st[4] or 'open'
 if mode == 'queue-all' then
   burst = 0
@@ -33,10 +33,11 @@ local cursor = tonumber(st[3] or '0')
 -- Buyers waiting after the last call: every join advances the queue first, so between two
 -- calls nobody else waited, and the bucket cannot have earned more than they could take.
 local waited = tonumber(st[5] or '0')
+local seq = tonumber(st[6] or '0')
 
 -- Joins `user` unless it has a place. Returns whether it joined now, and whether its place is
--- then known to be the last (after the opening, scores only grow). A sequence number drawn for
--- a buyer already in the queue leaves a gap, which orders nobody differently.
+-- then known to be the last (after the opening, scores only grow). The sequence drawn is
+-- written with the room's state below, and only by a buyer who joined.
 local function join()
   if op ~= 'join' or ended then
     return false, false
@@ -44,8 +45,10 @@ local function join()
   if now < starts then
     return redis.call('ZADD', KEYS[3], 'NX', tonumber(ARGV[6]), user) == 1, false
   end
-  local score = OPEN_BASE + redis.call('HINCRBY', KEYS[4], 'seq', 1)
-  local added = redis.call('ZADD', KEYS[3], 'NX', score, user) == 1
+  local added = redis.call('ZADD', KEYS[3], 'NX', OPEN_BASE + seq + 1, user) == 1
+  if added then
+    seq = seq + 1
+  end
   return added, added
 end
 
@@ -101,10 +104,14 @@ else
   end
 end
 local waiting = total - cursor
--- The bucket and the cursor, with `w`, in one write.
+-- The bucket, the cursor, the sequence and `w`, in one write.
 local state = {}
 if advanced then
   state = {'tokens', tostring(tokens), 'ts', now, 'cursor', cursor}
+end
+if last then
+  state[#state + 1] = 'seq'
+  state[#state + 1] = seq
 end
 if rate > 0 then
   -- Buyers the stock holds back cannot take what the bucket earns meanwhile: while nothing is
