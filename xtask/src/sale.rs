@@ -163,6 +163,7 @@ async fn sale(o: Options) -> anyhow::Result<()> {
         root: Some(root.clone()),
         detached: false,
         redis_cluster: o.redis_cluster,
+        mysql_for_load: true,
     })
     .await?;
     let info = stack.info().clone();

@@ -58,6 +58,9 @@ pub struct StackInfo {
     /// The password every cluster node requires (empty for the single Redis, which has none).
     #[serde(default)]
     pub redis_password: String,
+    /// MariaDB sized for a load run ([`StackOptions::mysql_for_load`]).
+    #[serde(default)]
+    pub mysql_for_load: bool,
 }
 
 impl StackInfo {
@@ -98,6 +101,12 @@ pub struct StackOptions {
     pub detached: bool,
     /// A three-master Redis Cluster instead of one Redis.
     pub redis_cluster: bool,
+    /// MariaDB with the memory and redo log of a load run (`cargo xtask bench`, `xtask sale`):
+    /// a 512 MiB buffer pool and a 256 MiB redo log, where the tests' many small stacks take
+    /// 64 and 8 MiB. With the small ones a run that writes a few hundred thousand orders makes
+    /// InnoDB flush for room in its redo log and evict its own index pages, and MariaDB's CPU
+    /// per order grew from round to round (docs/performance.md).
+    pub mysql_for_load: bool,
 }
 
 impl Default for StackOptions {
@@ -107,6 +116,7 @@ impl Default for StackOptions {
             root: None,
             detached: false,
             redis_cluster: false,
+            mysql_for_load: false,
         }
     }
 }
@@ -305,6 +315,7 @@ impl Stack {
     /// (`Stack::start_redis_cluster`) takes the single Redis' place.
     pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
         let mut stack = Self::empty(options.storage, options.root.as_deref(), options.detached)?;
+        stack.info.mysql_for_load = options.mysql_for_load;
         if options.redis_cluster {
             stack.start_redis_cluster()?;
         } else {
@@ -359,6 +370,7 @@ impl Stack {
                 redis_cluster: false,
                 redis_cluster_ports: Vec::new(),
                 redis_password: String::new(),
+                mysql_for_load: false,
             },
             redis: None,
             redis_nodes: Vec::new(),
@@ -645,6 +657,11 @@ impl Stack {
     fn spawn_mysql(&mut self) -> anyhow::Result<()> {
         let data = self.info.dir.join("mysql");
         let port = port_or_free(self.info.mysql_port)?;
+        let (buffer_pool, redo_log) = if self.info.mysql_for_load {
+            ("512M", "256M")
+        } else {
+            ("64M", "8M")
+        };
         let mut cmd = Command::new(program("mariadbd")?);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
@@ -661,10 +678,10 @@ impl Stack {
                 "--bind-address=127.0.0.1",
                 "--user=root",
                 "--skip-log-bin",
-                "--innodb-buffer-pool-size=64M",
-                "--innodb-log-file-size=8M",
                 "--max-connections=500",
-            ]);
+            ])
+            .arg(format!("--innodb-buffer-pool-size={buffer_pool}"))
+            .arg(format!("--innodb-log-file-size={redo_log}"));
         let mut child = spawn_logged(cmd, &self.info.dir, "mysql", self.detached)?;
         wait_for_port(
             port,
