@@ -137,7 +137,35 @@ async fn buy(
             .increment(1);
         return ("sold_out", Err(sold_out()));
     }
+    // From the reservation on, the order is finished whether or not anyone waits for the
+    // answer. A buyer who hangs up (or a gateway that gives up) drops this future; dropped
+    // between the reserve script and the publish, it would leave a reservation nobody
+    // publishes, holding its stock until the reconciler's deadline (about 100 s under
+    // `cargo xtask bench`, docs/performance.md). The task reserves, publishes and
+    // acknowledges, or undoes, and the order of a buyer who left is theirs to find.
+    let task = tokio::spawn({
+        let state = state.clone();
+        async move { reserve_and_publish(&state, activity, user, quantity).await }
+    });
+    match task.await {
+        Ok(decided) => decided,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Only a runtime shutting down cancels it.
+        Err(error) => (
+            "unavailable",
+            Err(ApiError::unavailable("order-service", error)),
+        ),
+    }
+}
 
+/// Reserves in Redis, publishes to the broker and marks the reservation acknowledged: the
+/// buy path's steps, run to the end once started (`buy`).
+async fn reserve_and_publish(
+    state: &AppState,
+    activity: ActivityId,
+    user: UserId,
+    quantity: Quantity,
+) -> (&'static str, Result<OrderNo, ApiError>) {
     let order_no = OrderNo::generate(activity);
     let reserved_at_ms = match state
         .redis

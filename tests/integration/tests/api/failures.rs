@@ -252,3 +252,65 @@ async fn a_drain_mid_sale_answers_in_flight_requests_and_loses_nothing() {
     report.ensure().unwrap();
     drop((order, inventory, http, stack));
 }
+
+/// A buyer who hangs up while Redis still runs their reservation: order-service finishes what it
+/// started, so the order is created rather than its stock held until the reconciler's deadline
+/// (the reconciler is off in these tests: a reservation left behind stays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_who_hangs_up_mid_reservation_still_gets_the_order() {
+    let apps = spawn_apps().await;
+    apps.admin().create_activity(1, 10).await.unwrap();
+    // A first order loads the scripts: the second's reserve is then one call, not a retry
+    // after NOSCRIPT that a dropped future would never send.
+    let (status, body) = create_order(&apps, 1, 1).await;
+    assert_eq!(status, 202, "{body}");
+    let stores = stores(&apps).await;
+    stores
+        .wait_for_drain(1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut conn = stores.redis.clone();
+    // Writes wait for a second: the reserve script sits in Redis' queue, within order-service's
+    // 3 s answer timeout, while the buyer gives up after 300 ms.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("WRITE")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let body = serde_json::json!({"userId": "7", "activityId": "1", "quantity": 1});
+    let hung_up = apps
+        .http
+        .post(format!(
+            "{}{}",
+            apps.order.base_url,
+            flash_sale_common::api::order::CREATE
+        ))
+        .json(&body)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(
+        hung_up.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "the buyer hung up before the answer: {hung_up:?}"
+    );
+    // The pause ends; Redis runs the reservation (and the checks' own scripts wait no more).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    stores
+        .wait_for_drain(1, Duration::from_secs(20))
+        .await
+        .expect("no reservation is left behind");
+    assert_eq!(
+        stores.order_count(1).await.unwrap(),
+        2,
+        "the order of the buyer who hung up is in MySQL"
+    );
+    let report = stores.check_invariants(1, 10, &[]).await.unwrap();
+    assert_eq!(report.ordered, 2);
+    assert!(report.conservation(), "{report}");
+    let (status, body) = create_order(&apps, 7, 1).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], ErrorCode::AlreadyPurchased.as_str());
+}
