@@ -91,15 +91,20 @@ const ARMS: [&str; 3] = [
     "gateway -> order-service: accepted",
 ];
 
-async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
-    let root = services::workspace_root().join("target/flash-sale");
-    let mut stack = Stack::start_with(StackOptions {
-        storage: o.broker,
-        root: Some(root.clone()),
+/// The private stack of a bench run, under `root`, with MariaDB sized for a load run.
+async fn load_stack(broker: BrokerStorage, root: &Path) -> anyhow::Result<Stack> {
+    Stack::start_with(StackOptions {
+        storage: broker,
+        root: Some(root.to_path_buf()),
         mysql_for_load: true,
         ..StackOptions::default()
     })
-    .await?;
+    .await
+}
+
+async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
+    let root = services::workspace_root().join("target/flash-sale");
+    let mut stack = load_stack(o.broker, &root).await?;
     let info = stack.info().clone();
     let script = root.join("order.lua");
     std::fs::write(
@@ -683,13 +688,7 @@ const ROOM_RATE: u32 = 200;
 /// admitted out of arrival order.
 async fn bench_room(o: Args) -> anyhow::Result<()> {
     let root = services::workspace_root().join("target/flash-sale");
-    let stack = Stack::start_with(StackOptions {
-        storage: o.broker,
-        root: Some(root.clone()),
-        mysql_for_load: true,
-        ..StackOptions::default()
-    })
-    .await?;
+    let stack = load_stack(o.broker, &root).await?;
     let info = stack.info().clone();
     let baseline_script = root.join("order.lua");
     std::fs::write(

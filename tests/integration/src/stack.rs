@@ -103,9 +103,9 @@ pub struct StackOptions {
     pub redis_cluster: bool,
     /// MariaDB with the memory and redo log of a load run (`cargo xtask bench`, `xtask sale`):
     /// a 512 MiB buffer pool and a 256 MiB redo log, where the tests' many small stacks take
-    /// 64 and 8 MiB. With the small ones a run that writes a few hundred thousand orders makes
-    /// InnoDB flush for room in its redo log and evict its own index pages, and MariaDB's CPU
-    /// per order grew from round to round (docs/performance.md).
+    /// 64 and 8 MiB, for runs that write up to a million orders. It was tried against the
+    /// bench's slow drains and did not cure them (those were stranded reservations,
+    /// docs/performance.md); the sizes stay as a load run's.
     pub mysql_for_load: bool,
 }
 
