@@ -160,11 +160,16 @@ pub struct KafkaSettings {
     /// How long a publish may take, retries included, before the buy path gives up, undoes the
     /// reservation and answers 503. Keep it well under the reconciler's reservation deadline.
     pub message_timeout_ms: u64,
-    /// How long the producer waits to fill a batch; a few ms trade latency for throughput.
-    /// The broker's cost is mostly per batch (per partition of a produce request), so fuller
-    /// batches cost it less per order (docs/performance.md, "the whole bill").
+    /// How long the publisher waits to fill a lot after its first order; a few ms trade latency
+    /// for throughput. The broker's cost is mostly per record and per request, so fuller lots
+    /// cost it less per order (docs/performance.md, "Orders in lots"). Part of
+    /// `message_timeout_ms`, not added to it.
     pub linger_ms: u64,
-    /// Upper bound on messages the producer holds in memory (librdkafka's own queue).
+    /// The most orders in one record (a lot). 1 writes every order as a record of its own, the
+    /// only shape an order-service from before lots reads: keep 1 until no such pod is left
+    /// (docs/decisions.md).
+    pub lot_max_orders: usize,
+    /// Upper bound on orders waiting for the broker's ack; one more is refused at once (503).
     pub max_buffered_messages: u64,
 }
 
@@ -176,6 +181,7 @@ impl Default for KafkaSettings {
             group_id: "order-service".into(),
             message_timeout_ms: 5000,
             linger_ms: 10,
+            lot_max_orders: 256,
             max_buffered_messages: 100_000,
         }
     }

@@ -219,14 +219,92 @@ pub struct OrderEvent {
     pub user_id: UserId,
     pub activity_id: ActivityId,
     pub quantity: Quantity,
-    /// When Redis reserved the stock, in ms since the epoch (Redis' clock).
+    /// When the stock was reserved, in ms since the epoch, by the clock of the order-service
+    /// pod that reserved it (read when the reserve script answered).
     pub reserved_at_ms: i64,
+}
+
+/// The payload of one broker record: the order events published together (a lot).
+///
+/// A lot of one is the event's own JSON object, the shape every record had before lots, so a
+/// consumer of any version reads it; a larger lot is a JSON array of events. Grouping orders
+/// into one record is what makes the broker's per-record cost a per-lot cost
+/// (docs/performance.md, "Orders in lots"). `events` are events already serialized with
+/// `serde_json`.
+pub fn encode_lot<'a>(events: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut events = events.peekable();
+    let mut payload = Vec::new();
+    let single = events.len() == 1;
+    if !single {
+        payload.push(b'[');
+    }
+    while let Some(event) = events.next() {
+        payload.extend_from_slice(event);
+        if events.peek().is_some() {
+            payload.push(b',');
+        }
+    }
+    if !single {
+        payload.push(b']');
+    }
+    payload
+}
+
+/// The events of one broker record, in either shape [`encode_lot`] writes.
+pub fn decode_lot(payload: &[u8]) -> serde_json::Result<Vec<OrderEvent>> {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(payload),
+        _ => serde_json::from_slice(payload).map(|event| vec![event]),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn event(user: i64) -> OrderEvent {
+        let activity = ActivityId::new(3).unwrap();
+        OrderEvent {
+            order_no: OrderNo::generate(activity),
+            user_id: UserId::new(user).unwrap(),
+            activity_id: activity,
+            quantity: Quantity::new(1).unwrap(),
+            reserved_at_ms: 1_700_000_000_000 + user,
+        }
+    }
+
+    #[test]
+    fn a_lot_reads_back_as_its_events_and_a_lot_of_one_is_a_bare_event() {
+        for n in [1, 2, 5] {
+            let events: Vec<OrderEvent> = (1..=n).map(event).collect();
+            let serialized: Vec<Vec<u8>> = events
+                .iter()
+                .map(|e| serde_json::to_vec(e).unwrap())
+                .collect();
+            let payload = encode_lot(serialized.iter().map(Vec::as_slice));
+            assert_eq!(decode_lot(&payload).unwrap(), events, "a lot of {n}");
+            if n == 1 {
+                // What a consumer from before lots reads.
+                let old: OrderEvent = serde_json::from_slice(&payload).unwrap();
+                assert_eq!(old, events[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_that_is_not_a_lot_of_events_is_an_error() {
+        let good = serde_json::to_string(&event(1)).unwrap();
+        for bad in [
+            "".to_string(),
+            "[".to_string(),
+            "{\"orderNo\":1}".to_string(),
+            format!("[{good},{{}}]"),
+            format!("{good}{good}"),
+        ] {
+            assert!(decode_lot(bad.as_bytes()).is_err(), "{bad:?} decoded");
+        }
+    }
 
     #[test]
     fn ids_accept_numbers_and_digit_strings_only() {

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use flash_sale_common::configuration::KafkaSettings;
-use flash_sale_common::domain::{ActivityId, OrderEvent, OrderNo};
+use flash_sale_common::domain::{ActivityId, OrderEvent, OrderNo, decode_lot};
 use flash_sale_common::redis::{Redis, ReservationState};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{MySqlPool, QueryBuilder};
 use tokio_util::sync::CancellationToken;
@@ -43,11 +43,12 @@ pub struct BatchReport {
     pub released: usize,
     /// Refused by MySQL's guards (no stock, or a second order of the user): logged as errors.
     pub rejected: usize,
-    /// Not an order event at all.
+    /// Records that hold no order event at all.
     pub malformed: usize,
 }
 
 /// A batch read from Kafka: the decoded events and the offsets to commit once they are stored.
+#[derive(Default)]
 pub struct Batch {
     pub events: Vec<OrderEvent>,
     offsets: BTreeMap<(String, i32), i64>,
@@ -55,6 +56,24 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Adds one record's orders, and its offset to commit.
+    fn push(&mut self, m: &impl Message) {
+        let key = (m.topic().to_owned(), m.partition());
+        let offset = self.offsets.entry(key).or_insert(m.offset());
+        *offset = (*offset).max(m.offset());
+        match m.payload().map(decode_lot) {
+            Some(Ok(events)) => self.events.extend(events),
+            _ => {
+                tracing::error!(
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "malformed order message skipped"
+                );
+                self.malformed += 1;
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.events.len() + self.malformed
     }
@@ -115,27 +134,28 @@ impl OrderConsumer {
         tracing::info!("order consumer stopped");
     }
 
-    /// Reads up to `batch_size` messages, waiting `batch_linger_ms` after the first one.
-    /// `None` once shutdown is requested.
+    /// Reads records until the batch holds `batch_size` orders, waiting `batch_linger_ms` after
+    /// the first one. A record holds a lot of orders (`encode_lot`), so a batch can pass
+    /// `batch_size` by the last record's lot. `None` once shutdown is requested.
     pub async fn next_batch(&self, shutdown: &CancellationToken) -> Option<Batch> {
         let first = tokio::select! {
             () = shutdown.cancelled() => return None,
             m = self.consumer.recv() => m,
         };
-        let mut messages = Vec::with_capacity(self.settings.batch_size);
+        let mut batch = Batch::default();
         match first {
-            Ok(m) => messages.push(m.detach()),
+            Ok(m) => batch.push(&m),
             Err(error) => {
                 tracing::warn!(%error, "consumer error");
                 tokio::time::sleep(Duration::from_millis(self.settings.retry_backoff_ms)).await;
-                return Some(decode(Vec::new()));
+                return Some(batch);
             }
         }
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.settings.batch_linger_ms);
-        while messages.len() < self.settings.batch_size {
+        while batch.len() < self.settings.batch_size {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(m)) => messages.push(m.detach()),
+                Ok(Ok(m)) => batch.push(&m),
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "consumer error");
                     break;
@@ -143,7 +163,7 @@ impl OrderConsumer {
                 Err(_) => break,
             }
         }
-        Some(decode(messages))
+        Some(batch)
     }
 
     /// Stores a batch, retrying until it succeeds. Gives up only at shutdown, leaving the
@@ -263,31 +283,6 @@ impl OrderConsumer {
         }
         self.consumer.commit(&list, CommitMode::Sync)
     }
-}
-
-fn decode(messages: Vec<OwnedMessage>) -> Batch {
-    let mut batch = Batch {
-        events: Vec::with_capacity(messages.len()),
-        offsets: BTreeMap::new(),
-        malformed: 0,
-    };
-    for m in messages {
-        let key = (m.topic().to_owned(), m.partition());
-        let offset = batch.offsets.entry(key).or_insert(m.offset());
-        *offset = (*offset).max(m.offset());
-        match m.payload().map(serde_json::from_slice::<OrderEvent>) {
-            Some(Ok(event)) => batch.events.push(event),
-            _ => {
-                tracing::error!(
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "malformed order message skipped"
-                );
-                batch.malformed += 1;
-            }
-        }
-    }
-    batch
 }
 
 /// What the MySQL step did with each claimed order.

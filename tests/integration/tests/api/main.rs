@@ -13,6 +13,7 @@ mod helpers;
 mod hey;
 mod inventory;
 mod lifecycle;
+mod lots;
 mod metric_names;
 mod redis_cluster;
 mod report;
