@@ -136,13 +136,7 @@ async fn a_batch_stored_but_never_committed_is_redelivered_and_duplicates_nothin
 
     // Second consumer in the same group: everything is redelivered from the last commit.
     let second = OrderConsumer::new(&settings.kafka, consumer_settings, db, redis).unwrap();
-    let run = tokio::spawn(second.run(token.clone()));
-    stores
-        .wait_for_drain(1, Duration::from_secs(60))
-        .await
-        .unwrap();
-    token.cancel();
-    run.await.unwrap();
+    drain_with(second, &stores, 1).await;
 
     let report = stores
         .check_invariants(1, 300, &load.accepted)

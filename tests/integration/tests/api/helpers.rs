@@ -152,3 +152,19 @@ impl Drop for ServiceProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `consumer` until activity `activity`'s orders are all in MySQL, then stops it.
+pub(crate) async fn drain_with(
+    consumer: order_service::consumer::OrderConsumer,
+    stores: &Stores,
+    activity: i64,
+) {
+    let token = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(consumer.run(token.clone()));
+    stores
+        .wait_for_drain(activity, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    token.cancel();
+    run.await.unwrap();
+}

@@ -15,9 +15,8 @@ use flash_sale_tests::stack::{BrokerStorage, Stack};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 
-use crate::helpers::stores;
+use crate::helpers::{drain_with, stores};
 
 /// Every record of `topic`, as payloads, read from the start by a group of its own.
 fn records(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
@@ -143,15 +142,8 @@ async fn orders_published_together_share_a_record_and_each_becomes_one_order() {
         redis,
     )
     .unwrap();
-    let token = CancellationToken::new();
-    let run = tokio::spawn(consumer.run(token.clone()));
     let stores = stores(&apps).await;
-    stores
-        .wait_for_drain(1, Duration::from_secs(60))
-        .await
-        .unwrap();
-    token.cancel();
-    run.await.unwrap();
+    drain_with(consumer, &stores, 1).await;
     let report = stores.check_invariants(1, 400, &accepted).await.unwrap();
     println!("{report}");
     report.ensure().unwrap();
