@@ -281,6 +281,7 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     }
     for (histogram, what) in [
         ("flash_sale_kafka_lot_size", "orders per broker record"),
+        ("flash_sale_reserve_lot_size", "reservations per Redis call"),
         ("flash_sale_ack_lot_size", "acknowledgements per Redis call"),
     ] {
         let value = |suffix: &str| -> Option<f64> {

@@ -351,17 +351,46 @@ impl Redis {
         quantity: Quantity,
         order_no: &OrderNo,
     ) -> Result<ReserveOutcome, RedisFailure> {
+        let mut outcomes = self
+            .reserve_lot(activity, &[(user, quantity, order_no)])
+            .await?;
+        outcomes
+            .pop()
+            .ok_or_else(|| RedisFailure::Protocol("reserve returned no answer".into()))
+    }
+
+    /// Reserves for a lot of buyers of one activity in one atomic call, in the order given
+    /// (a buyer twice in the lot gets `AlreadyPurchased` the second time); one outcome per
+    /// order.
+    pub async fn reserve_lot(
+        &self,
+        activity: ActivityId,
+        lot: &[(UserId, Quantity, &OrderNo)],
+    ) -> Result<Vec<ReserveOutcome>, RedisFailure> {
         let k = ActivityKeys::new(activity);
         let mut inv = SCRIPTS.reserve.prepare_invoke();
         inv.key(&k.meta)
             .key(&k.stock)
             .key(&k.users)
             .key(&k.resv)
-            .key(&k.resv_ts)
-            .arg(user.get())
-            .arg(quantity.get())
-            .arg(order_no.as_str());
-        ReserveOutcome::from_reply(self.run("reserve", &inv).await?)
+            .key(&k.resv_ts);
+        for (user, quantity, order_no) in lot {
+            inv.arg(user.get())
+                .arg(quantity.get())
+                .arg(order_no.as_str());
+        }
+        let reply: Vec<i64> = self.run("reserve", &inv).await?;
+        if reply.len() != 2 * lot.len() {
+            return Err(RedisFailure::Protocol(format!(
+                "reserve returned {} values for {} orders",
+                reply.len(),
+                lot.len()
+            )));
+        }
+        reply
+            .chunks_exact(2)
+            .map(|pair| ReserveOutcome::from_reply((pair[0], pair[1])))
+            .collect()
     }
 
     /// Gives a reservation back if it is in one of `states`. Returns 1 released, 0 none, -1 other state.

@@ -3,8 +3,9 @@
 //! ```text
 //! POST /api/flash-sale/order/create
 //!   -> sold-out short circuit (this pod already knows)       routes/create_order.rs, sold_out.rs
-//!   -> one Lua call: window, dedupe, stock, reservation       flash_sale_common::redis
-//!   -> publish to Kafka, wait for the broker's ack            publisher.rs
+//!   -> one Lua call per lot: window, dedupe, stock, reservation  reserver.rs, lots.rs
+//!   -> publish to Kafka in lots, wait for the broker's ack    publisher.rs
+//!   -> mark the reservation acknowledged, in lots             acker.rs
 //!   -> 202 PENDING   (a failed publish undoes the reservation and answers 503)
 //! consumer: batches -> claim in Redis -> one MySQL transaction -> settle -> commit offsets
 //!                                                             consumer.rs
@@ -16,14 +17,16 @@
 //! ```
 //!
 //! Layout: `configuration` (settings), `startup` (binding, tasks, drain), `routes` (handlers),
-//! `publisher`, `consumer`, `lifecycle`, `sweeper`, `sold_out`, `state`.
+//! `lots` (with `reserver` and `acker`), `publisher`, `consumer`, `lifecycle`, `sweeper`, `sold_out`, `state`.
 
 pub mod acker;
 pub mod configuration;
 pub mod consumer;
 pub mod fence;
 pub mod lifecycle;
+pub mod lots;
 pub mod publisher;
+pub mod reserver;
 pub mod routes;
 pub mod sold_out;
 pub mod startup;

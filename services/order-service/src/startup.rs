@@ -17,6 +17,7 @@ use crate::configuration::Settings;
 use crate::consumer::OrderConsumer;
 use crate::fence::{RedisGuard, Unverified};
 use crate::publisher::{self, Publisher};
+use crate::reserver::Reserver;
 use crate::routes;
 use crate::sold_out::SoldOut;
 use crate::state::AppState;
@@ -82,6 +83,7 @@ impl Application {
             tracing::warn!("payment.callback_secret is empty: every payment callback is refused");
         }
         let state = AppState {
+            reserver: Reserver::start(redis.clone()),
             acker: Acker::start(redis.clone()),
             redis,
             db,

@@ -9,11 +9,14 @@ use crate::acker::Acker;
 use crate::configuration::{OrderSettings, PaymentSettings};
 use crate::fence::Unverified;
 use crate::publisher::Publisher;
+use crate::reserver::Reserver;
 use crate::sold_out::SoldOut;
 
 #[derive(Clone)]
 pub struct AppState {
     pub redis: Redis,
+    /// Reserves in groups (`reserver`).
+    pub reserver: Reserver,
     /// Acknowledges reservations after their publish, in groups (`acker`).
     pub acker: Acker,
     pub db: MySqlPool,

@@ -167,8 +167,9 @@ async fn reserve_and_publish(
     quantity: Quantity,
 ) -> (&'static str, Result<OrderNo, ApiError>) {
     let order_no = OrderNo::generate(activity);
+    // The reservations asked for together go to Redis together (`reserver`).
     let reserved_at_ms = match state
-        .redis
+        .reserver
         .reserve(activity, user, quantity, &order_no)
         .await
     {
