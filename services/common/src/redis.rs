@@ -352,7 +352,7 @@ impl Redis {
         order_no: &OrderNo,
     ) -> Result<ReserveOutcome, RedisFailure> {
         let mut outcomes = self
-            .reserve_lot(activity, &[(user, quantity, order_no)])
+            .reserve_lot(activity, &[(user, quantity, order_no.clone())])
             .await?;
         outcomes
             .pop()
@@ -365,7 +365,7 @@ impl Redis {
     pub async fn reserve_lot(
         &self,
         activity: ActivityId,
-        lot: &[(UserId, Quantity, &OrderNo)],
+        lot: &[(UserId, Quantity, OrderNo)],
     ) -> Result<Vec<ReserveOutcome>, RedisFailure> {
         let k = ActivityKeys::new(activity);
         let mut inv = SCRIPTS.reserve.prepare_invoke();

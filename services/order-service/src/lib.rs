@@ -17,7 +17,8 @@
 //! ```
 //!
 //! Layout: `configuration` (settings), `startup` (binding, tasks, drain), `routes` (handlers),
-//! `lots` (with `reserver` and `acker`), `publisher`, `consumer`, `lifecycle`, `sweeper`, `sold_out`, `state`.
+//! `lots` (with `reserver` and `acker`), `publisher`, `consumer`, `lifecycle`, `sweeper`,
+//! `sold_out`, `state`.
 
 pub mod acker;
 pub mod configuration;

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The most requests in one Redis call: a bound on the script's run time (Redis runs nothing
 /// else meanwhile) and on its argument list.
-pub const MAX_LOT: usize = 256;
+const MAX_LOT: usize = 256;
 
 /// One kind of call made in lots.
 pub trait LotCall: Send + Sync + 'static {

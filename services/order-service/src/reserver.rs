@@ -46,7 +46,6 @@ impl LotCall for Reserves {
         activity: ActivityId,
         lot: &[Self::Item],
     ) -> Result<Vec<ReserveOutcome>, RedisFailure> {
-        let lot: Vec<_> = lot.iter().map(|(u, q, o)| (*u, *q, o)).collect();
-        self.0.reserve_lot(activity, &lot).await
+        self.0.reserve_lot(activity, lot).await
     }
 }
