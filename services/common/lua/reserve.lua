@@ -1,5 +1,5 @@
 -- Reserve stock for a lot of buyers of one activity, atomically, in the order given. All keys
--- share the activity's hash tag.
+-- share the activity's hash tag. Prepended with bulk.lua.
 -- KEYS: 1 meta, 2 stock, 3 users, 4 resv, 5 resv:ts
 -- ARGV: user id, quantity, order number, for each order of the lot (3 per order)
 -- Returns {code, value} for each order, flattened ({code 1, value 1, code 2, value 2, ...}):
@@ -38,22 +38,36 @@ if ends >= 0 and now >= ends then
   return every(-3, 0)
 end
 
+-- The lot's reservations are decided first and written after, one command per key: `taken`
+-- users (also the ones that bought earlier in this lot), their records and their timestamps.
 local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
+local sold = 0
+local taken, buyers, records, stamps = {}, {}, {}, {}
 for i = 1, n do
   local user, quantity, order = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
   local qty = tonumber(quantity)
   local code = 1
-  if redis.call('SISMEMBER', KEYS[3], user) == 1 then
+  if taken[user] or redis.call('SISMEMBER', KEYS[3], user) == 1 then
     code = -1
   elseif stock < qty then
     code = 0
   else
-    stock = redis.call('DECRBY', KEYS[2], qty)
-    redis.call('SADD', KEYS[3], user)
-    redis.call('HSET', KEYS[4], order, 'R|' .. user .. '|' .. quantity .. '|' .. now)
-    redis.call('ZADD', KEYS[5], now, order)
+    stock = stock - qty
+    sold = sold + qty
+    taken[user] = true
+    buyers[#buyers + 1] = user
+    records[#records + 1] = order
+    records[#records + 1] = 'R|' .. user .. '|' .. quantity .. '|' .. now
+    stamps[#stamps + 1] = now
+    stamps[#stamps + 1] = order
   end
   answers[2 * i - 1] = code
   answers[2 * i] = (code == -1) and 0 or stock
+end
+if sold > 0 then
+  redis.call('DECRBY', KEYS[2], sold)
+  bulk('SADD', KEYS[3], buyers)
+  bulk('HSET', KEYS[4], records)
+  bulk('ZADD', KEYS[5], stamps)
 end
 return answers

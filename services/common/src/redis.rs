@@ -110,7 +110,8 @@ impl Reservation {
     }
 }
 
-/// The Lua scripts; `Script` sends EVALSHA and falls back to EVAL after a Redis restart.
+/// The Lua scripts; `Script` sends EVALSHA and falls back to EVAL after a Redis restart. The ones
+/// that write many orders at once start with `bulk.lua`'s helpers.
 pub struct Scripts {
     pub reserve: Script,
     pub release: Script,
@@ -125,10 +126,19 @@ pub struct Scripts {
 }
 
 pub static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    reserve: Script::new(include_str!("../lua/reserve.lua")),
+    reserve: Script::new(concat!(
+        include_str!("../lua/bulk.lua"),
+        include_str!("../lua/reserve.lua")
+    )),
     release: Script::new(include_str!("../lua/release.lua")),
-    transition: Script::new(include_str!("../lua/transition.lua")),
-    settle: Script::new(include_str!("../lua/settle.lua")),
+    transition: Script::new(concat!(
+        include_str!("../lua/bulk.lua"),
+        include_str!("../lua/transition.lua")
+    )),
+    settle: Script::new(concat!(
+        include_str!("../lua/bulk.lua"),
+        include_str!("../lua/settle.lua")
+    )),
     warmup: Script::new(include_str!("../lua/warmup.lua")),
     adjust: Script::new(include_str!("../lua/adjust.lua")),
     snapshot: Script::new(include_str!("../lua/snapshot.lua")),

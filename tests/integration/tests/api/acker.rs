@@ -4,7 +4,9 @@
 
 use flash_sale_common::configuration::{RedisSettings, Secret};
 use flash_sale_common::domain::{ActivityId, OrderNo, Quantity, UserId};
-use flash_sale_common::redis::{ActivityKeys, Redis, RedisConnection, ReserveOutcome};
+use flash_sale_common::redis::{
+    ActivityKeys, Redis, RedisConnection, ReservationState, ReserveOutcome,
+};
 use flash_sale_tests::scenario::scripts_run;
 use flash_sale_tests::stack::Stack;
 use order_service::acker::Acker;
@@ -210,5 +212,103 @@ async fn reservations_waiting_together_share_one_call_and_never_oversell() {
         (3..=60).contains(&calls),
         "{calls} script calls for {} reservations",
         asks.len()
+    );
+}
+
+/// Reads a count (`HLEN`, `SCARD`, `ZCARD`, `GET`) of one key.
+async fn count(conn: &mut RedisConnection, command: &str, key: &str) -> i64 {
+    redis::cmd(command)
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_call_reserves_moves_and_settles_thousands_of_orders_of_one_key() {
+    // The scripts write a lot with one command per key, in slices of 4,000 values
+    // (`services/common/lua/bulk.lua`): 9,000 orders cross them.
+    let (_stack, redis, mut conn) = redis_only().await;
+    let activity = ActivityId::new(11).unwrap();
+    let keys = ActivityKeys::new(activity);
+    open_activity(&mut conn, activity, 10_000).await;
+    let one = Quantity::new(1).unwrap();
+    let mut lot: Vec<(UserId, Quantity, OrderNo)> = (1..=9_000)
+        .map(|u| (UserId::new(u).unwrap(), one, OrderNo::generate(activity)))
+        .collect();
+    lot.push((UserId::new(5).unwrap(), one, OrderNo::generate(activity)));
+
+    let outcomes = redis.reserve_lot(activity, &lot).await.unwrap();
+    for (i, outcome) in outcomes[..9_000].iter().enumerate() {
+        let left = 10_000 - 1 - i as i64;
+        assert!(
+            matches!(outcome, ReserveOutcome::Reserved { stock_left } if *stock_left == left),
+            "order {i}: {outcome:?}"
+        );
+    }
+    assert!(
+        matches!(outcomes[9_000], ReserveOutcome::AlreadyPurchased),
+        "a buyer twice in the lot: {:?}",
+        outcomes[9_000]
+    );
+    assert_eq!(count(&mut conn, "GET", &keys.stock).await, 1_000);
+    assert_eq!(count(&mut conn, "SCARD", &keys.users).await, 9_000);
+    assert_eq!(count(&mut conn, "HLEN", &keys.resv).await, 9_000);
+    assert_eq!(count(&mut conn, "ZCARD", &keys.resv_ts).await, 9_000);
+
+    // Every reservation, the first one named twice and one order Redis never saw, R -> A.
+    let reserved: Vec<&OrderNo> = lot[..9_000].iter().map(|(_, _, no)| no).collect();
+    let unknown = OrderNo::generate(activity);
+    let mut named = reserved.clone();
+    named.push(reserved[0]);
+    named.push(&unknown);
+    let codes = redis
+        .transition(
+            activity,
+            &named,
+            &[ReservationState::Reserved],
+            ReservationState::Acked,
+        )
+        .await
+        .unwrap();
+    assert!(codes[..9_000].iter().all(|&c| c == 1), "all moved");
+    assert_eq!(codes[9_000..], [-1, 0], "named twice: A by then; unknown");
+    let records: Vec<String> = redis::cmd("HVALS")
+        .arg(&keys.resv)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        records.iter().all(|r| r.starts_with("A|")),
+        "all acknowledged"
+    );
+
+    // A released one leaves a tombstone that the next move reports.
+    assert_eq!(
+        redis
+            .release(reserved[1], &[ReservationState::Acked])
+            .await
+            .unwrap(),
+        1
+    );
+    let codes = redis
+        .transition(
+            activity,
+            &reserved,
+            &[ReservationState::Acked],
+            ReservationState::Claimed,
+        )
+        .await
+        .unwrap();
+    assert_eq!(codes[1], -2, "released");
+    assert_eq!(codes.iter().filter(|&&c| c == 1).count(), 8_999);
+
+    assert_eq!(redis.settle(activity, &reserved).await.unwrap(), 8_999);
+    assert_eq!(count(&mut conn, "HLEN", &keys.resv).await, 0);
+    assert_eq!(count(&mut conn, "ZCARD", &keys.resv_ts).await, 0);
+    assert_eq!(
+        count(&mut conn, "SCARD", &keys.users).await,
+        8_999,
+        "settled buyers stay in the users set; the released one left it"
     );
 }
