@@ -6,7 +6,9 @@
 //! The accepted-order load runs in rounds (`--rounds`) of three: straight at order-service,
 //! through a bare proxy (`services/gateway/examples/bare_proxy.rs`: what any HTTP hop costs on
 //! this machine) and through the gateway; each run on a fresh activity and after the consumer
-//! has written every earlier order to MySQL, so no run inherits another's backlog.
+//! has written every earlier order to MySQL, so no run inherits another's backlog. Each round
+//! starts with the baseline again, so that each arm's rate can be read against the machine's
+//! speed in its own round as well as against the whole run's.
 //!
 //! The broker keeps its log in SQLite, as in the main job, so a 202 means what it means in
 //! service: the order is in a log that outlives a broker restart. `--broker memory` measures
@@ -207,7 +209,20 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
         servers[2],
     ];
     let urls = [order.url(), bare, gateway.url()];
+    // The baseline once more at the start of every round: the machine's speed drifts by up to a
+    // third within one run, and the arms' rates follow it; each arm's share of its round's
+    // baseline shows what the code did apart from the machine.
+    let mut round_baselines = Vec::new();
     for round in 1..=o.rounds {
+        let run = wrk(
+            &o,
+            &format!("baseline, round {round}"),
+            &baseline,
+            &script,
+            "1",
+        )?;
+        round_baselines.push(run.requests_per_sec);
+        runs.push(run);
         let mut rates = [0.0; ARMS.len()];
         let mut machine = [0.0; ARMS.len()];
         // Each round starts with the next arm, so none always runs first or last: whatever the
@@ -385,15 +400,20 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     println!("\naccepted orders per second by round, and the spread (max / min - 1) of each arm:");
     for (i, arm) in ARMS.iter().enumerate() {
         let rates: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
-        let (min, max) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
-            (lo.min(*r), hi.max(*r))
-        });
-        let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
-        println!(
-            "  {arm}: {}; spread {:.0} %",
-            shown.join(", "),
-            (max / min.max(1e-9) - 1.0) * 100.0
-        );
+        println!("  {arm}: {}", with_spread(&rates, 0));
+    }
+    println!(
+        "  the baseline at the start of each round: {}",
+        with_spread(&round_baselines, 0)
+    );
+    println!("the same as shares of their round's baseline:");
+    for (i, arm) in ARMS.iter().enumerate() {
+        let shares: Vec<f64> = rounds
+            .iter()
+            .zip(&round_baselines)
+            .map(|(r, b)| r[i] / b)
+            .collect();
+        println!("  {arm}: {}", with_spread(&shares, 2));
     }
     let costs: Vec<f64> = machine_rounds
         .iter()
@@ -413,6 +433,19 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
          at least one MySQL order per 2xx answer)"
     );
     Ok(())
+}
+
+/// `9083, 9202, 7940; spread 16 %` (max / min - 1), the values with `decimals`.
+fn with_spread(values: &[f64], decimals: usize) -> String {
+    let (min, max) = values.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(*v), hi.max(*v))
+    });
+    let shown: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
+    format!(
+        "{}; spread {:.0} %",
+        shown.join(", "),
+        (max / min.max(1e-9) - 1.0) * 100.0
+    )
 }
 
 /// `0.68, 0.70, 0.71 by round, median 0.70`.
