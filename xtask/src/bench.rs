@@ -210,8 +210,9 @@ async fn bench(o: Args, bare_proxy: &Path) -> anyhow::Result<()> {
     ];
     let urls = [order.url(), bare, gateway.url()];
     // The baseline once more at the start of every round: the machine's speed drifts by up to a
-    // third within one run, and the arms' rates follow it; each arm's share of its round's
-    // baseline shows what the code did apart from the machine.
+    // third within one run, and the arms' rates follow it. The baseline's own spread shows how
+    // far the machine moved, and each arm's share of its round's baseline is printed beside its
+    // rate (docs/performance.md, run M: the shares spread no less than the rates).
     let mut round_baselines = Vec::new();
     for round in 1..=o.rounds {
         let run = wrk(

@@ -4,8 +4,7 @@
 -- Returns one code per order number: 1 moved, 0 no reservation (already settled, or never seen),
 -- -1 in another state, -2 released (a tombstone exists: the order must not be created).
 local out = {}
-local moved = {}
--- What this call has moved already, so that an order named twice sees its new state.
+-- What this call moves, so that an order named twice sees its new state.
 local written = {}
 local recs = hmget(KEYS[1], ARGV, 3)
 for i = 3, #ARGV do
@@ -14,8 +13,6 @@ for i = 3, #ARGV do
     local state = string.sub(rec, 1, 1)
     if string.find(ARGV[1], state, 1, true) then
       written[ARGV[i]] = ARGV[2] .. string.sub(rec, 2)
-      moved[#moved + 1] = ARGV[i]
-      moved[#moved + 1] = written[ARGV[i]]
       out[#out + 1] = 1
     else
       out[#out + 1] = -1
@@ -25,6 +22,11 @@ for i = 3, #ARGV do
   else
     out[#out + 1] = 0
   end
+end
+local moved = {}
+for order, record in pairs(written) do
+  moved[#moved + 1] = order
+  moved[#moved + 1] = record
 end
 if #moved > 0 then
   bulk('HSET', KEYS[1], moved)
